@@ -1,0 +1,161 @@
+"""Command-line flags of ``train_splam_distill_sd_wds.py``, with their checks.
+
+Flag names follow diffusers' LCM distillation example and the authors' script, so
+that the seed README's command runs unchanged.
+"""
+
+import argparse
+
+DEFAULT_VALIDATION_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a painting of a majestic kingdom with towering castles, lush gardens, ice and snow world",
+    "a close-up photo of a cat sitting on a wooden table",
+    "a cup of coffee on a saucer, top view",
+]
+
+
+class SetupError(Exception):
+    """A run that cannot start as configured; reported as one line, before weights are loaded."""
+
+
+# Keys that must never reach a tracker, a log line or a written file.
+SECRET_ARGS = ("hub_token",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # No abbreviated flags: every spelling of a secret flag must be known to redact_secrets.
+    parser = argparse.ArgumentParser(
+        description="Distil a Stable Diffusion teacher with SPLAM (ECCV 2024).", allow_abbrev=False
+    )
+
+    models = parser.add_argument_group("models")
+    models.add_argument("--pretrained_teacher_model", type=str, required=True,
+                        help="Teacher: a StableDiffusionPipeline folder or Hub id with an epsilon-prediction UNet.")
+    models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                        help="A VAE to use instead of the teacher's (its folder or Hub id).")
+    models.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
+    models.add_argument("--revision", type=str, default=None, help="Revision of the student's initialisation (the teacher's UNet).")
+    models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    models.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
+                        help="Width of the gamma embedding E(gamma) when the teacher's UNet has no time_cond_proj_dim.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--train_shards_path_or_url", type=str, required=True,
+                      help="Webdataset shards: paths, URLs, 'pipe:' commands, {000..009} ranges, '::'-separated lists.")
+    data.add_argument("--resolution", type=int, default=512, help="Training image size in pixels (a multiple of 8).")
+    data.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Samples in one epoch of the stream (defaults to max_train_steps x global batch).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Samples held in the shuffle buffer per worker.")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                      help="Fraction of captions replaced by the empty prompt.")
+
+    method = parser.add_argument_group("SPLAM")
+    method.add_argument("--w_scale", type=float, default=8.0, help="Teacher's guidance scale w (LCM's formulation).")
+    method.add_argument("--num_ddim_timesteps", type=int, default=50, help="Number of sub-paths (DDIM steps of the teacher).")
+    method.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Distance between endpoints.")
+    method.add_argument("--huber_c", type=float, default=0.001, help="The c of the pseudo-Huber loss.")
+    method.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="splam-model", help="Where checkpoints and the final pipeline go.")
+    training.add_argument("--seed", type=int, default=None, help="Seed for reproducible training.")
+    training.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    training.add_argument("--num_train_epochs", type=int, default=100, help="Epochs of max_train_samples, if max_train_steps is unset.")
+    training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps in total; overrides num_train_epochs.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the student's activations in backward.")
+    training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warm-up.")
+    training.add_argument("--scale_lr", action="store_true", help="Multiply the lr by the global batch size.")
+    training.add_argument("--lr_scheduler", type=str, default="constant",
+                          help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimizer steps.")
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
+    training.add_argument("--adam_beta1", type=float, default=0.9)
+    training.add_argument("--adam_beta2", type=float, default=0.999)
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    training.add_argument("--adam_epsilon", type=float, default=1e-08)
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient-norm clipping.")
+    training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                          help="Overrides accelerate's config.")
+    training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    training.add_argument("--cast_teacher_unet", action="store_true", help="Keep the teacher UNet in the half-precision dtype.")
+    training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                          help="Use xformers' attention (PyTorch's SDPA is the default).")
+    training.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")
+
+    checkpoints = parser.add_argument_group("checkpoints")
+    checkpoints.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N optimizer steps.")
+    checkpoints.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    checkpoints.add_argument("--resume_from_checkpoint", type=str, default=None,
+                             help='A checkpoint folder, or "latest" for the newest one in output_dir.')
+
+    logging = parser.add_argument_group("logging and validation")
+    logging.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
+    logging.add_argument("--report_to", type=str, default="tensorboard",
+                         help='"tensorboard", "wandb", "comet_ml", "all" or a comma-separated list.')
+    logging.add_argument("--tracker_project_name", type=str, default="splam-distill", help="Project name in the trackers.")
+    logging.add_argument("--validation_steps", type=int, default=200, help="Sample the validation prompts every N steps.")
+    logging.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
+
+    hub = parser.add_argument_group("hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
+    hub.add_argument("--hub_token", type=str, default=None, help="Hub token (else HF_TOKEN or the cached login).")
+    hub.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse inconsistent or out-of-range flags with one line, before anything is loaded."""
+    if args.resolution % 8 != 0:
+        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
+    if args.learning_rate < 0:
+        parser.error(f"--learning_rate must not be negative, got {args.learning_rate}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
+    if args.num_ddim_timesteps < 1:
+        parser.error(f"--num_ddim_timesteps must be positive, got {args.num_ddim_timesteps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.max_train_steps is None and args.max_train_samples is None:
+        parser.error("give --max_train_steps or --max_train_samples: a streamed dataset has no length of its own")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def redact_secrets(argv: list) -> list:
+    """``argv`` with the values of secret flags replaced, for whatever records the command line
+    (wandb stores it with every run)."""
+    redacted, hide_next = [], False
+    for argument in argv:
+        flag = argument.split("=", 1)[0]
+        if hide_next:
+            argument, hide_next = "***", False
+        elif flag.lstrip("-") in SECRET_ARGS:
+            if "=" in argument:
+                argument = f"{flag}=***"
+            else:
+                hide_next = True
+        redacted.append(argument)
+    return redacted
+
+
+def public_config(args: argparse.Namespace) -> dict:
+    """The flags as a tracker config: secrets removed, lists joined so every tracker takes them."""
+    return {
+        key: "; ".join(value) if isinstance(value, list) else value
+        for key, value in vars(args).items()
+        if key not in SECRET_ARGS
+    }

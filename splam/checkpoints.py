@@ -1,0 +1,92 @@
+"""Training checkpoints: ``output_dir/checkpoint-<step>/`` with accelerate's state
+(optimizer, lr scheduler, grad scaler, RNG states), the online student in ``unet/``
+and the EMA target in ``unet_target/``.
+
+A checkpoint is written into a hidden staging folder and renamed into place once
+complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that
+``latest`` would pick up; older checkpoints are rotated out only after that.
+"""
+
+import os
+import re
+import shutil
+
+from diffusers import UNet2DConditionModel
+
+from .args import SetupError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> list:
+    """Complete checkpoint folders in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    steps = sorted(
+        int(match.group(1)) for match in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if match is not None
+    )
+    return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def checkpoint_step(path: str) -> int:
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
+    """The checkpoint folder to resume from, or ``None`` to start fresh.
+
+    ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
+    any other value must be an existing ``checkpoint-<step>`` folder.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+    if CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(resume_from_checkpoint))) is None:
+        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a checkpoint-<step> folder")
+    return resume_from_checkpoint
+
+
+def register_unet_hooks(accelerator, target_unet) -> None:
+    """Make ``accelerator.save_state``/``load_state`` write and read both UNets as
+    diffusers folders (``unet/`` and ``unet_target/``) instead of a bare state dict."""
+
+    def save_unets(models, weights, output_dir):
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+            target_unet.save_pretrained(os.path.join(output_dir, "unet_target"))
+        weights.pop()
+
+    def load_unets(models, input_dir):
+        student = accelerator.unwrap_model(models.pop())
+        student.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+        target_unet.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet_target").state_dict())
+
+    accelerator.register_save_state_pre_hook(save_unets)
+    accelerator.register_load_state_pre_hook(load_unets)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, total_limit=None) -> str:
+    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``."""
+    final_path = os.path.join(output_dir, f"checkpoint-{step}")
+    staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging_path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(staging_path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if os.path.isdir(final_path):
+            shutil.rmtree(final_path)
+        os.replace(staging_path, final_path)
+        if total_limit is not None:
+            for old_path in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old_path)
+    accelerator.wait_for_everyone()
+    return final_path

@@ -1,0 +1,91 @@
+"""Loading the teacher's parts and building the student and target UNets (SPEC section 1)."""
+
+import copy
+import inspect
+
+from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .args import SetupError
+
+
+class TeacherError(SetupError):
+    """The teacher cannot be used for SPLAM distillation."""
+
+
+def load_teacher_scheduler(args) -> DDPMScheduler:
+    """The teacher's noise schedule, read before any weights so that a teacher outside
+    the method (SPEC: only epsilon prediction) is refused first."""
+    try:
+        scheduler = DDPMScheduler.from_pretrained(
+            args.pretrained_teacher_model, subfolder="scheduler", revision=args.teacher_revision, cache_dir=args.cache_dir
+        )
+    except OSError as error:
+        raise TeacherError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {error}") from error
+    if scheduler.config.prediction_type != "epsilon":
+        raise TeacherError(
+            f"the teacher {args.pretrained_teacher_model} predicts {scheduler.config.prediction_type!r}; "
+            "SPLAM distils epsilon-prediction teachers only"
+        )
+    return scheduler
+
+
+def lcm_scheduler(teacher_scheduler_config, num_ddim_timesteps: int) -> LCMScheduler:
+    """The sampler of the distilled model: LCM's multistep sampler on the teacher's schedule,
+    whose original grid is the training's DDIM grid."""
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    schedule = {key: value for key, value in teacher_scheduler_config.items() if key in accepted}
+    return LCMScheduler.from_config(schedule, original_inference_steps=num_ddim_timesteps)
+
+
+def load_text_encoder_and_vae(args):
+    """``(tokenizer, text_encoder, vae)``, frozen, on the CPU in float32."""
+    common = dict(revision=args.teacher_revision, cache_dir=args.cache_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_teacher_model, subfolder="tokenizer", **common)
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_teacher_model, subfolder="text_encoder", **common)
+    if args.pretrained_vae_model_name_or_path is None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", **common)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    return tokenizer, freeze(text_encoder), freeze(vae)
+
+
+def load_teacher_unet(args) -> UNet2DConditionModel:
+    """The frozen teacher UNet, on the CPU in float32."""
+    return freeze(
+        UNet2DConditionModel.from_pretrained(
+            args.pretrained_teacher_model, subfolder="unet", revision=args.teacher_revision, cache_dir=args.cache_dir
+        )
+    )
+
+
+def freeze(model):
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The online student: the teacher's architecture with a time-conditioning input of width
+    ``--unet_time_cond_proj_dim`` (for E(gamma)) when the teacher has none, initialised from
+    the teacher's weights (``--revision``); the new projection starts from its default init."""
+    time_cond_proj_dim = teacher_unet.config.time_cond_proj_dim or args.unet_time_cond_proj_dim
+    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    if args.revision is None:
+        weights = teacher_unet.state_dict()
+    else:
+        weights = UNet2DConditionModel.from_pretrained(
+            args.pretrained_teacher_model, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir
+        ).state_dict()
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    if unexpected or any(not name.startswith("time_embedding.cond_proj") for name in missing):
+        raise TeacherError(f"the teacher's UNet does not fit the student: missing {missing}, unexpected {unexpected}")
+    student.train()
+    return student
+
+
+def build_target(student: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The EMA target: a frozen float32 copy of the student."""
+    target = copy.deepcopy(student)
+    target.requires_grad_(False)
+    target.train()
+    return target

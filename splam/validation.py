@@ -1,0 +1,76 @@
+"""Few-step samples of the student and the target during training.
+
+Sampling uses ``LCMScheduler`` with ``guidance_scale=1``: diffusers' LCM pipeline then
+embeds ``guidance_scale - 1 = 0``, which is ``E(1)``, the sub-path endpoint the model
+was trained to predict there (the authors sampled at the pipeline's default guidance,
+i.e. at a wrong gamma, SPEC defect 7).
+"""
+
+import os
+
+import numpy as np
+import torch
+from diffusers import LatentConsistencyModelPipeline
+
+VALIDATION_STEPS = (1, 2, 4)
+
+
+def few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> LatentConsistencyModelPipeline:
+    """The pipeline a distilled SPLAM model is sampled and published with."""
+    return LatentConsistencyModelPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@torch.no_grad()
+def sample_validation_images(pipeline, prompts, resolution: int, seed: int) -> dict:
+    """``{num_steps: [PIL image per prompt]}`` for 1, 2 and 4 steps, the same seed for each prompt."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = {}
+    for num_steps in VALIDATION_STEPS:
+        images[num_steps] = [
+            pipeline(
+                prompt=prompt,
+                num_inference_steps=num_steps,
+                guidance_scale=1.0,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                output_type="pil",
+            ).images[0]
+            for prompt in prompts
+        ]
+    return images
+
+
+def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, scheduler, args, step: int) -> None:
+    """Sample ``args.validation_prompts`` with each of ``models`` (name -> UNet), save the
+    images under ``output_dir/validation/step-<step>/`` and send them to every tracker."""
+    seed = 0 if args.seed is None else args.seed
+    step_dir = os.path.join(args.output_dir, "validation", f"step-{step}")
+    os.makedirs(step_dir, exist_ok=True)
+    for name, unet in models.items():
+        pipeline = few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
+        with accelerator.autocast():
+            images = sample_validation_images(pipeline, args.validation_prompts, args.resolution, seed)
+        for num_steps, step_images in images.items():
+            for index, image in enumerate(step_images):
+                image.save(os.path.join(step_dir, f"{name}-{num_steps}step-{index}.png"))
+            send_to_trackers(accelerator, f"validation/{name}/{num_steps}-step", step_images, args.validation_prompts, step)
+
+
+def send_to_trackers(accelerator, tag: str, images, prompts, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(image) for image in images]), step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image, caption=prompt) for image, prompt in zip(images, prompts)]}, step=step)

@@ -1,0 +1,209 @@
+"""The SPLAM math against independent float64 derivations (SPEC sections 2 and 3)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, LatentConsistencyModelPipeline
+
+from splam import (
+    DDIMSolver,
+    consistency_output,
+    distillation_loss,
+    gamma_embedding,
+    guided_teacher_prediction,
+    predicted_origin,
+    scalings_for_boundary_conditions,
+    sub_path_point,
+    update_ema,
+)
+
+
+def sd_alphas_cumprod():
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+
+
+def float64_alphas_cumprod():
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1.0 - betas)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def test_ddim_grid_is_the_spec_grid():
+    solver = DDIMSolver(sd_alphas_cumprod(), timesteps=1000, ddim_timesteps=50)
+    assert solver.ddim_timesteps.dtype == torch.long
+    assert solver.ddim_timesteps.tolist() == [(i + 1) * 20 - 1 for i in range(50)]
+    start, end = solver.sub_path(torch.tensor([0, 1, 49]))
+    assert start.tolist() == [19, 39, 999]
+    assert end.tolist() == [0, 19, 979]
+
+
+@pytest.mark.parametrize("num_ddim", [50, 25, 10])
+def test_ddim_step_matches_float64(rng, num_ddim):
+    acp64 = float64_alphas_cumprod()
+    solver = DDIMSolver(torch.tensor(acp64, dtype=torch.float32), 1000, num_ddim)
+    step = 1000 // num_ddim
+    index = rng.integers(0, num_ddim, size=6)
+    x0 = rng.standard_normal((6, 4, 8, 8))
+    eps = rng.standard_normal((6, 4, 8, 8))
+    grid = (np.arange(num_ddim) + 1) * step - 1
+    prev = np.where(index > 0, acp64[grid[np.maximum(index - 1, 0)]], acp64[0]).reshape(-1, 1, 1, 1)
+    expected = np.sqrt(prev) * x0 + np.sqrt(1 - prev) * eps
+    result = solver.ddim_step(torch.tensor(x0, dtype=torch.float32), torch.tensor(eps, dtype=torch.float32), torch.tensor(index))
+    assert result.dtype == torch.float32
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_no_float64_leaks_into_the_student_input():
+    solver = DDIMSolver(torch.tensor(float64_alphas_cumprod()), 1000, 50)
+    for table in (solver.alphas, solver.sigmas, solver.ddim_alpha_cumprods_prev):
+        assert table.dtype == torch.float32
+    index = torch.tensor([3, 7])
+    start, end = solver.sub_path(index)
+    alpha_start, _ = solver.alpha_sigma(start, 4)
+    alpha_end, sigma_end = solver.alpha_sigma(end, 4)
+    x_start = torch.randn(2, 4, 8, 8)
+    x_end = solver.ddim_step(x_start, torch.randn(2, 4, 8, 8), index)
+    x_gamma, sigma_gamma = sub_path_point(x_start, x_end, torch.rand(2, 1, 1, 1), alpha_start, alpha_end, sigma_end)
+    assert x_end.dtype == x_gamma.dtype == sigma_gamma.dtype == torch.float32
+    half = solver.ddim_step(x_start.half(), x_start.half(), index)
+    assert half.dtype == torch.float16
+
+
+def test_solver_refuses_a_grid_that_does_not_divide():
+    with pytest.raises(ValueError, match="does not divide"):
+        DDIMSolver(sd_alphas_cumprod(), 1000, 30)
+
+
+def test_boundary_scalings_match_float64(rng):
+    t = rng.integers(0, 1000, size=20).astype(np.float64)
+    c_skip, c_out = scalings_for_boundary_conditions(torch.tensor(t, dtype=torch.float32))
+    np.testing.assert_allclose(c_skip.numpy(), 0.25 / ((10 * t) ** 2 + 0.25), rtol=1e-6)
+    np.testing.assert_allclose(c_out.numpy(), 10 * t / np.sqrt((10 * t) ** 2 + 0.25), rtol=1e-6)
+    c_skip0, c_out0 = scalings_for_boundary_conditions(torch.tensor(0.0))
+    assert c_skip0.item() == 1.0 and c_out0.item() == 0.0
+
+
+@pytest.mark.parametrize("dim", [256, 255, 32])
+def test_gamma_embedding_matches_float64_and_diffusers(rng, dim):
+    gamma = rng.random(7)
+    w = (10.0 - 10.0 * gamma) * 1000.0
+    half = dim // 2
+    freqs = np.exp(-np.arange(half) * math.log(10000.0) / (half - 1))
+    expected = np.concatenate([np.sin(w[:, None] * freqs), np.cos(w[:, None] * freqs)], axis=1)
+    if dim % 2:
+        expected = np.pad(expected, ((0, 0), (0, 1)))
+    result = gamma_embedding(torch.tensor(gamma, dtype=torch.float32), dim)
+    assert result.shape == (7, dim) and result.dtype == torch.float32
+    # Angles up to 1e4 rad in float32 carry ~1e-3 absolute phase error, as in diffusers.
+    np.testing.assert_allclose(result.numpy(), expected, atol=2e-3)
+    reference = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, torch.tensor(10.0 - 10.0 * gamma, dtype=torch.float32), embedding_dim=dim
+    )
+    np.testing.assert_allclose(result.numpy(), reference.numpy(), atol=2e-3)
+
+
+def test_gamma_one_is_what_lcm_pipelines_feed_at_guidance_scale_one():
+    pipeline_embedding = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+        None, torch.tensor([1.0 - 1.0]), embedding_dim=256
+    )
+    assert torch.equal(gamma_embedding(torch.ones(1), 256), pipeline_embedding)
+
+
+def float64_schedule_points(rng, batch):
+    acp = float64_alphas_cumprod()
+    ts = (rng.integers(0, 50, size=batch) + 1) * 20 - 1
+    te = np.maximum(ts - 20, 0)
+    shape = (batch, 1, 1, 1)
+    a_s, s_s = np.sqrt(acp[ts]).reshape(shape), np.sqrt(1 - acp[ts]).reshape(shape)
+    a_e, s_e = np.sqrt(acp[te]).reshape(shape), np.sqrt(1 - acp[te]).reshape(shape)
+    return ts, a_s, s_s, a_e, s_e
+
+
+def test_sub_path_point_matches_float64(rng):
+    _, a_s, s_s, a_e, s_e = float64_schedule_points(rng, 8)
+    x_s, x_e = rng.standard_normal((8, 4, 8, 8)), rng.standard_normal((8, 4, 8, 8))
+    gamma = rng.random((8, 1, 1, 1))
+    r = a_s / a_e
+    as_t = lambda array: torch.tensor(array, dtype=torch.float32)  # noqa: E731
+    x_g, sigma_g = sub_path_point(as_t(x_s), as_t(x_e), as_t(gamma), as_t(a_s), as_t(a_e), as_t(s_e))
+    np.testing.assert_allclose(x_g.numpy(), gamma * x_s + (1 - gamma) * r * x_e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sigma_g.numpy(), np.sqrt((s_e * r) ** 2 + gamma**2 * (1 - r**2)), rtol=1e-5)
+
+
+def test_sub_path_endpoints(rng):
+    a_s, s_s, a_e, s_e = (torch.tensor(v, dtype=torch.float64) for v in float64_schedule_points(rng, 8)[1:])
+    x_s, x_e = torch.randn(8, 4, 2, 2, dtype=torch.float64), torch.randn(8, 4, 2, 2, dtype=torch.float64)
+    r = a_s / a_e
+    x_g, sigma_g = sub_path_point(x_s, x_e, torch.ones(8, 1, 1, 1, dtype=torch.float64), a_s, a_e, s_e)
+    torch.testing.assert_close(x_g, x_s)
+    torch.testing.assert_close(sigma_g, s_s)
+    x_g, sigma_g = sub_path_point(x_s, x_e, torch.zeros(8, 1, 1, 1, dtype=torch.float64), a_s, a_e, s_e)
+    torch.testing.assert_close(x_g, r * x_e)
+    torch.testing.assert_close(sigma_g, r * s_e)
+
+
+def test_sigma_gamma_is_the_noise_level_of_the_sub_path_point(rng):
+    """Monte Carlo: with x_e = a(te) z + s(te) n and x_s its forward diffusion to ts,
+    x_g - a(ts) z has standard deviation sigma_g."""
+    a_s, _, a_e, s_e = (v.item() for v in float64_schedule_points(rng, 1)[1:])
+    r = a_s / a_e
+    z = rng.standard_normal(400_000)
+    x_e = a_e * z + s_e * rng.standard_normal(z.shape)
+    x_s = r * x_e + math.sqrt(1 - r**2) * rng.standard_normal(z.shape)
+    for gamma in (0.0, 0.3, 0.8, 1.0):
+        x_g, sigma_g = sub_path_point(
+            torch.tensor(x_s), torch.tensor(x_e), torch.tensor(gamma), torch.tensor(a_s), torch.tensor(a_e), torch.tensor(s_e)
+        )
+        assert (x_g.numpy() - a_s * z).std() == pytest.approx(sigma_g.item(), rel=1e-2)
+
+
+def test_gamma_one_reduces_to_the_lcm_consistency_target(rng):
+    """At gamma = 1 the student's endpoint is LCM's c_skip(ts) x_s + c_out(ts) (x_s - s(ts) eps) / a(ts)."""
+    ts, a_s, s_s, a_e, s_e = float64_schedule_points(rng, 4)
+    x_s, x_e, eps = (rng.standard_normal((4, 4, 8, 8)) for _ in range(3))
+    t64 = lambda array: torch.tensor(array, dtype=torch.float64)  # noqa: E731
+    x_g, sigma_g = sub_path_point(t64(x_s), t64(x_e), t64(np.ones((4, 1, 1, 1))), t64(a_s), t64(a_e), t64(s_e))
+    c_skip, c_out = scalings_for_boundary_conditions(t64(ts).reshape(4, 1, 1, 1))
+    y_student = consistency_output(x_g, predicted_origin(t64(eps), x_g, t64(a_s), sigma_g), c_skip, c_out)
+    scaled = 10.0 * ts.reshape(4, 1, 1, 1)
+    lcm_target = 0.25 / (scaled**2 + 0.25) * x_s + scaled / np.sqrt(scaled**2 + 0.25) * (x_s - s_s * eps) / a_s
+    np.testing.assert_allclose(y_student.numpy(), lcm_target, rtol=1e-10, atol=1e-10)
+
+
+def test_guided_teacher_prediction_is_lcm_cfg(rng):
+    eps_c, eps_u, x0_c, x0_u = (rng.standard_normal((2, 4, 4, 4)) for _ in range(4))
+    x0, eps = guided_teacher_prediction(*(torch.tensor(v) for v in (eps_c, eps_u, x0_c, x0_u)), 8.0)
+    np.testing.assert_allclose(x0.numpy(), x0_c + 8.0 * (x0_c - x0_u))
+    np.testing.assert_allclose(eps.numpy(), eps_c + 8.0 * (eps_c - eps_u))
+
+
+def test_predicted_origin_inverts_the_forward_process(rng):
+    z, noise = rng.standard_normal((2, 4, 4, 4)), rng.standard_normal((2, 4, 4, 4))
+    alpha, sigma = 0.6, 0.8
+    x0 = predicted_origin(torch.tensor(noise), torch.tensor(alpha * z + sigma * noise), alpha, sigma)
+    np.testing.assert_allclose(x0.numpy(), z, atol=1e-12)
+
+
+def test_losses_match_float64(rng):
+    prediction, target = rng.standard_normal((3, 4, 4, 4)), rng.standard_normal((3, 4, 4, 4))
+    as_t = lambda array: torch.tensor(array, dtype=torch.float32)  # noqa: E731
+    assert distillation_loss(as_t(prediction), as_t(target), "l2").item() == pytest.approx(((prediction - target) ** 2).mean(), rel=1e-5)
+    huber = (np.sqrt((prediction - target) ** 2 + 0.001**2) - 0.001).mean()
+    assert distillation_loss(as_t(prediction), as_t(target), "huber", 0.001).item() == pytest.approx(huber, rel=1e-5)
+    with pytest.raises(ValueError):
+        distillation_loss(as_t(prediction), as_t(target), "l1")
+
+
+def test_ema_update_matches_formula():
+    target = [torch.randn(3, 3), torch.randn(5)]
+    online = [torch.randn(3, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    expected = [0.95 * t + 0.05 * o.detach() for t, o in zip(target, online)]
+    update_ema(target, online, 0.95)
+    for result, reference in zip(target, expected):
+        torch.testing.assert_close(result, reference)

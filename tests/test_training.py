@@ -1,0 +1,200 @@
+"""End to end: ``accelerate launch train_splam_distill_sd_wds.py`` on the tiny world."""
+
+import glob
+import os
+import re
+import shlex
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from splam.args import parse_args, public_config, redact_secrets
+
+from conftest import REPO_ROOT, RESOLUTION, run_script
+
+ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+LEARNING_RATE = 1e-4
+WARMUP_STEPS = 8
+
+
+def launch(teacher, shards, output_dir, *flags, env=None):
+    """Run the training script under ``accelerate launch`` with the seed README's flags scaled down."""
+    result = run_script(
+        *ACCELERATE_LAUNCH,
+        "train_splam_distill_sd_wds.py",
+        f"--pretrained_teacher_model={teacher}",
+        f"--output_dir={output_dir}",
+        f"--train_shards_path_or_url={shards}",
+        f"--resolution={RESOLUTION}",
+        f"--learning_rate={LEARNING_RATE}", "--loss_type=huber", "--ema_decay=0.95", "--adam_weight_decay=0.0",
+        "--lr_scheduler=constant_with_warmup", f"--lr_warmup_steps={WARMUP_STEPS}",
+        "--train_batch_size=2", "--gradient_accumulation_steps=1", "--gradient_checkpointing",
+        "--dataloader_num_workers=1", "--seed=453645634", "--validation_steps=1000",
+        *flags,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def logged_scalars(output_dir, tag):
+    """``{step: value}`` per tensorboard event file, oldest run first."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(output_dir, "logs", "*", "events.out.tfevents.*"))):
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        runs.append({event.step: event.value for event in accumulator.Scalars(tag)})
+    return runs
+
+
+def unet_weights(path):
+    return UNet2DConditionModel.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tiny_teacher, tiny_shards, tmp_path_factory):
+    """4 steps with a checkpoint every 2 (limit 1), then a resume from `latest` to 6 steps."""
+    output_dir = str(tmp_path_factory.mktemp("run") / "splam")
+    common = ["--checkpointing_steps=2", "--checkpoints_total_limit=1", "--resume_from_checkpoint=latest"]
+    first = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", *common)
+    after_first = sorted(os.listdir(output_dir))
+    second = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6", *common)
+    return output_dir, first, second, after_first
+
+
+def test_checkpoints_are_written_and_rotated(resumed_run):
+    output_dir, first, _, after_first = resumed_run
+    assert "No checkpoint" in first.stderr and "starting a new run" in first.stderr
+    assert [name for name in after_first if name.startswith("checkpoint")] == ["checkpoint-4"]
+    assert [name for name in os.listdir(output_dir) if "checkpoint" in name] == ["checkpoint-6"]
+    checkpoint = os.path.join(output_dir, "checkpoint-6")
+    for name in ("unet", "unet_target", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert os.path.exists(os.path.join(checkpoint, name)), name
+
+
+def test_resume_continues_the_step_and_the_lr_schedule(resumed_run):
+    output_dir, _, second, _ = resumed_run
+    assert re.search(r"Resuming from .*checkpoint-4", second.stderr)
+    first_losses, second_losses = logged_scalars(output_dir, "loss")
+    assert sorted(first_losses) == [1, 2, 3, 4]
+    assert sorted(second_losses) == [5, 6]
+    assert all(np.isfinite(list(second_losses.values())))
+    # constant_with_warmup: lr = base * step / warmup, so a reset schedule would log base / warmup at step 5.
+    _, second_lrs = logged_scalars(output_dir, "lr")
+    assert second_lrs[5] == pytest.approx(LEARNING_RATE * 5 / WARMUP_STEPS)
+
+
+def test_output_is_an_lcm_pipeline_whose_unet_is_the_ema_target(resumed_run):
+    output_dir, _, _, _ = resumed_run
+    pipeline = DiffusionPipeline.from_pretrained(output_dir)
+    assert type(pipeline).__name__ == "LatentConsistencyModelPipeline"
+    assert isinstance(pipeline.scheduler, LCMScheduler)
+    assert pipeline.scheduler.config.original_inference_steps == 50
+    assert pipeline.unet.config.time_cond_proj_dim == 256
+    target = unet_weights(os.path.join(output_dir, "checkpoint-6", "unet_target"))
+    online = unet_weights(os.path.join(output_dir, "checkpoint-6", "unet"))
+    exported = pipeline.unet.state_dict()
+    assert all(torch.equal(exported[name], target[name]) for name in target)
+    assert not all(torch.equal(exported[name], online[name]) for name in online)
+    exported_online = unet_weights(os.path.join(output_dir, "unet_online"))
+    assert all(torch.equal(exported_online[name], online[name]) for name in online)
+
+    image = pipeline(
+        prompt="a cup of coffee", num_inference_steps=2, guidance_scale=1, original_inference_steps=50, output_type="np"
+    ).images[0]
+    assert image.shape == (RESOLUTION, RESOLUTION, 3) and np.isfinite(image).all()
+    card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
+    assert card.startswith("---\n") and "library_name: diffusers" in card and "- splam" in card
+    assert "6 optimizer steps" in card and "| `w_scale` | `8.0` |" in card
+
+
+def test_fp16_8bit_adam_wandb_and_validation(tiny_teacher, tiny_shards, tmp_path):
+    output_dir = str(tmp_path / "fp16")
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    launch(
+        tiny_teacher, tiny_shards, output_dir,
+        "--mixed_precision=fp16", "--use_8bit_adam", "--report_to=wandb", "--max_train_steps=2",
+        "--checkpointing_steps=2", "--validation_steps=2", "--validation_prompts", "a cat", "a rocket",
+        "--hub_token=hf_SecretTokenThatMustNotLeak",
+        env=env,
+    )
+    images = sorted(os.listdir(os.path.join(output_dir, "validation", "step-2")))
+    assert images == sorted(f"{net}-{steps}step-{i}.png" for net in ("online", "target") for steps in (1, 2, 4) for i in (0, 1))
+    wandb_runs = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*"))
+    assert len(wandb_runs) == 1
+    run_record = open(glob.glob(os.path.join(wandb_runs[0], "run-*.wandb"))[0], "rb").read()
+    assert b"w_scale" in run_record and b"validation/target/2-step" in run_record
+    assert glob.glob(os.path.join(wandb_runs[0], "files", "media", "images", "validation", "target", "*.png"))
+    optimizer_state = torch.load(os.path.join(output_dir, "checkpoint-2", "optimizer.bin"), weights_only=False)["state"]
+    # bitsandbytes keeps 8-bit states (uint8 plus block-wise absmax) for tensors of 4096 elements and more.
+    first_moments = [state["__bnb_optimizer_quant_state__"]["state1"] for state in optimizer_state.values()]
+    assert any(moment.dtype == torch.uint8 for moment in first_moments)
+    for path in glob.glob(os.path.join(str(tmp_path), "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            assert b"hf_SecretTokenThatMustNotLeak" not in open(path, "rb").read(), path
+
+
+def test_missing_xformers_stops_before_loading_weights(tiny_teacher, tiny_shards, tmp_path):
+    result = run_script(
+        "train_splam_distill_sd_wds.py", f"--pretrained_teacher_model={tmp_path}/no-such-teacher",
+        f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={tmp_path}/out", "--max_train_steps=1",
+        "--enable_xformers_memory_efficient_attention",
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --enable_xformers_memory_efficient_attention needs xformers")
+    assert "Traceback" not in result.stderr
+
+
+def test_non_epsilon_teacher_is_refused(tiny_teacher, tiny_shards, tmp_path):
+    import shutil
+
+    teacher = str(tmp_path / "v-teacher")
+    shutil.copytree(tiny_teacher, teacher)
+    config_path = os.path.join(teacher, "scheduler", "scheduler_config.json")
+    config = open(config_path).read().replace('"epsilon"', '"v_prediction"')
+    open(config_path, "w").write(config)
+    result = run_script(
+        "train_splam_distill_sd_wds.py", f"--pretrained_teacher_model={teacher}",
+        f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={tmp_path}/out", "--max_train_steps=1",
+    )
+    assert result.returncode != 0
+    assert "v_prediction" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+
+
+def test_the_readme_training_command_parses_unchanged():
+    readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    command = re.search(r"accelerate launch train_splam_distill_sd_wds\.py \\\n(.*?)```", readme, re.S).group(1)
+    argv = shlex.split(command.replace("\\\n", " ").replace("$MODEL_NAME", "m").replace("$OUTPUT_DIR", "o"))
+    args = parse_args(argv)
+    assert args.use_8bit_adam and args.push_to_hub and args.gradient_checkpointing
+    assert args.resume_from_checkpoint == "latest" and args.report_to == "wandb" and args.loss_type == "huber"
+    assert args.train_shards_path_or_url.startswith("pipe:curl")
+    assert args.unet_time_cond_proj_dim == 256 and args.w_scale == 8.0 and args.num_ddim_timesteps == 50
+
+
+def test_public_config_drops_the_hub_token():
+    args = parse_args(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--max_train_steps=1", "--hub_token=secret"])
+    config = public_config(args)
+    assert "hub_token" not in config and "secret" not in str(config)
+    assert isinstance(config["validation_prompts"], str)
+
+
+def test_redact_secrets_hides_both_spellings_of_the_token():
+    argv = ["train.py", "--hub_token", "abc", "--seed=1", "--hub_token=xyz", "--output_dir", "o"]
+    assert redact_secrets(argv) == ["train.py", "--hub_token", "***", "--seed=1", "--hub_token=***", "--output_dir", "o"]
+
+
+def test_the_readme_inference_snippet_samples_the_output(resumed_run):
+    output_dir, _, _, _ = resumed_run
+    readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    snippet = re.search(r"## Inference.*?```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace('"path/to/saved/model"', repr(output_dir)).replace('"cuda"', '"cpu"').replace("float16", "float32")
+    namespace = {}
+    exec(snippet, namespace)
+    image = np.asarray(namespace["images"][0])
+    assert image.shape == (RESOLUTION, RESOLUTION, 3) and image.std() > 0
+    # The seed README's old argument name still runs (today's pipeline ignores it).
+    assert namespace["pipe"](prompt="a cat", num_inference_steps=1, guidance_scale=1, lcm_origin_steps=50).images
