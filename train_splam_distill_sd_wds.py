@@ -20,9 +20,9 @@ import math
 import os
 import sys
 
+import diffusers
 import torch
 import transformers
-import diffusers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -44,8 +44,23 @@ from splam import (
     update_ema,
 )
 from splam.args import SetupError, parse_args, public_config, redact_secrets
-from splam.checkpoints import checkpoint_step, register_unet_hooks, resolve_resume_checkpoint, save_checkpoint
-from splam.data import ImageTransform, expand_shard_urls, make_train_dataloader
+from splam.checkpoints import (
+    CheckpointError,
+    read_training_state,
+    register_unet_hooks,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+)
+from splam.data import (
+    DataError,
+    DataStats,
+    ImageTransform,
+    ShardStream,
+    check_local_shards,
+    expand_shard_urls,
+    make_train_dataloader,
+    train_batches,
+)
 from splam.export import export_pipeline
 from splam.hub import push_pipeline
 from splam.models import (
@@ -59,6 +74,10 @@ from splam.models import (
 from splam.validation import log_validation
 
 logger = get_logger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a NaN or inf loss or gradient."""
 
 
 def check_optional_dependencies(args) -> None:
@@ -80,19 +99,8 @@ def check_optional_dependencies(args) -> None:
             raise SetupError("--report_to=wandb needs wandb (pip install wandb)") from error
 
 
-def encode_prompts(captions, tokenizer, text_encoder) -> torch.Tensor:
-    """CLIP text embeddings ``[B, 77, D]`` of the captions (longer ones truncated)."""
-    tokens = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return text_encoder(tokens.to(text_encoder.device))[0]
-
-
-def encode_images(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
-    """``z = vae.encode(pixels).latent_dist.sample() * scaling_factor``, in chunks of ``batch_size``."""
-    pixels = pixels.to(vae.device, vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(batch_size)]
-    return torch.cat(latents).float() * vae.config.scaling_factor
+def optimizer_name(args) -> str:
+    return "AdamW8bit" if args.use_8bit_adam else "AdamW"
 
 
 def make_optimizer(args, params):
@@ -111,12 +119,24 @@ def make_optimizer(args, params):
     )
 
 
+def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:
+    """CLIP text embeddings ``[B, 77, D]`` of token ids."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def encode_images(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
+    """``z = vae.encode(pixels).latent_dist.sample() * scaling_factor``, in chunks of ``batch_size``."""
+    pixels = pixels.to(vae.device, vae.dtype)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
 def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=args.report_to.split(","),
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
@@ -130,8 +150,16 @@ def main(args):
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
+    # Everything that can be wrong with the command line is found before any weight is loaded.
     check_optional_dependencies(args)
+    shard_urls = expand_shard_urls(args.train_shards_path_or_url)
+    check_local_shards(shard_urls)
     resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resume_state = read_training_state(resume_path) if resume_path else None
+    if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
+        raise SetupError(
+            f"{resume_path} was trained with {resume_state['optimizer']}; resume it with the same --use_8bit_adam setting"
+        )
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     teacher_scheduler = load_teacher_scheduler(args)
@@ -170,23 +198,25 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= global_batch_size
     optimizer = make_optimizer(args, unet.parameters())
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * math.ceil(args.max_train_samples / global_batch_size)
 
-    max_train_samples = args.max_train_samples or args.max_train_steps * global_batch_size
-    num_batches = math.ceil(max_train_samples / (args.train_batch_size * accelerator.num_processes))
+    # The stream is cut into segments of one checkpoint interval, so a resume starts a segment.
+    batches_per_segment = args.checkpointing_steps * args.gradient_accumulation_steps
     train_dataloader = make_train_dataloader(
-        expand_shard_urls(args.train_shards_path_or_url),
-        ImageTransform(args.resolution, args.center_crop, args.random_flip),
-        batch_size=args.train_batch_size,
-        num_batches=num_batches,
+        ShardStream(
+            shard_urls,
+            ImageTransform(args.resolution, args.center_crop, args.random_flip),
+            tokenizer,
+            batch_size=args.train_batch_size,
+            batches_per_segment=batches_per_segment,
+            shuffle_buffer=args.shuffle_buffer_size,
+            seed=0 if args.seed is None else args.seed,
+            process_index=accelerator.process_index,
+        ),
         num_workers=args.dataloader_num_workers,
-        shuffle_buffer=args.shuffle_buffer_size,
-        seed=0 if args.seed is None else args.seed,
         pin_memory=accelerator.device.type == "cuda",
     )
-    num_update_steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
-    num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     # accelerate steps a prepared lr scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
@@ -202,124 +232,158 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
 
     with torch.no_grad():
-        uncond_prompt_embeds = encode_prompts([""], tokenizer, text_encoder)
+        uncond_input_ids = tokenizer(
+            [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(accelerator.device)
+        uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
 
-    global_step = 0
-    if resume_path is not None:
+    global_step, first_segment, data_stats = 0, 0, DataStats()
+    if resume_state is not None:
         logger.info(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
-        global_step = checkpoint_step(resume_path)
-    first_epoch = global_step // num_update_steps_per_epoch
+        global_step, first_segment = resume_state["global_step"], resume_state["data_segment"]
+        data_stats.update(resume_state["data_stats"])
+        if resume_state["batches_per_segment"] != batches_per_segment:
+            logger.warning("--checkpointing_steps or --gradient_accumulation_steps changed since the checkpoint: "
+                           "the data stream goes on from a new position, so this resume is not exact")
 
     logger.info("***** Running SPLAM distillation *****")
     logger.info(f"  Batch size per process = {args.train_batch_size}, processes = {accelerator.num_processes}, "
                 f"accumulation steps = {args.gradient_accumulation_steps}, global batch = {global_batch_size}")
-    logger.info(f"  Optimizer steps = {args.max_train_steps}, samples per epoch = {max_train_samples}")
+    logger.info(f"  Optimizer steps = {args.max_train_steps}, starting at step {global_step}")
 
     # ---- The loop ----------------------------------------------------------------------
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    for epoch in range(first_epoch, num_train_epochs):
-        for pixels, captions in train_dataloader:
-            with accelerator.accumulate(unet):
-                # 1. Latents z and prompt embeddings c (a fraction of prompts emptied).
-                with torch.no_grad():
-                    latents = encode_images(pixels, vae, args.vae_encode_batch_size)
-                    dropped = torch.rand(len(captions)) < args.proportion_empty_prompts
-                    captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
-                    prompt_embeds = encode_prompts(captions, tokenizer, text_encoder).float()
-                batch_size, ndim = latents.shape[0], latents.ndim
+    batches_seen, nonfinite_in_a_row = 0, 0
+    batches = train_batches(train_dataloader, first_segment)
+    while global_step < args.max_train_steps:
+        pixels, input_ids, batch_stats = next(batches)
+        batches_seen += 1
+        data_stats.update(batch_stats)
+        with accelerator.accumulate(unet):
+            # 1. Latents z and prompt embeddings c (a fraction of prompts emptied).
+            with torch.no_grad():
+                latents = encode_images(pixels, vae, args.vae_encode_batch_size)
+                dropped = torch.rand(len(input_ids)) < args.proportion_empty_prompts
+                input_ids = torch.where(dropped[:, None], uncond_input_ids.cpu(), input_ids)
+                prompt_embeds = encode_prompts(input_ids, text_encoder).float()
+            batch_size, ndim = latents.shape[0], latents.ndim
 
-                # 2. A sub-path (ts, te) per sample and the start point x_s.
-                index = torch.randint(0, args.num_ddim_timesteps, (batch_size,), device=latents.device)
-                start_timesteps, end_timesteps = solver.sub_path(index)
-                alpha_start, sigma_start = solver.alpha_sigma(start_timesteps, ndim)
-                alpha_end, sigma_end = solver.alpha_sigma(end_timesteps, ndim)
-                noise = torch.randn_like(latents)
-                x_start = alpha_start * latents + sigma_start * noise
+            # 2. A sub-path (ts, te) per sample and the start point x_s.
+            index = torch.randint(0, args.num_ddim_timesteps, (batch_size,), device=latents.device)
+            start_timesteps, end_timesteps = solver.sub_path(index)
+            alpha_start, sigma_start = solver.alpha_sigma(start_timesteps, ndim)
+            alpha_end, sigma_end = solver.alpha_sigma(end_timesteps, ndim)
+            noise = torch.randn_like(latents)
+            x_start = alpha_start * latents + sigma_start * noise
 
-                with torch.no_grad(), accelerator.autocast():
-                    # 3. The teacher's CFG-guided DDIM step x_s -> x_e (cond and uncond in one call).
-                    teacher_eps = teacher_unet(
-                        torch.cat([x_start, x_start]).to(teacher_unet.dtype),
-                        torch.cat([start_timesteps, start_timesteps]),
-                        encoder_hidden_states=torch.cat(
-                            [prompt_embeds, uncond_prompt_embeds.expand_as(prompt_embeds)]
-                        ).to(teacher_unet.dtype),
-                    ).sample.float()
-                    eps_cond, eps_uncond = teacher_eps.chunk(2)
-                    x0, eps = guided_teacher_prediction(
-                        eps_cond,
-                        eps_uncond,
-                        predicted_origin(eps_cond, x_start, alpha_start, sigma_start),
-                        predicted_origin(eps_uncond, x_start, alpha_start, sigma_start),
-                        args.w_scale,
-                    )
-                    x_end = solver.ddim_step(x0, eps, index)
+            with torch.no_grad(), accelerator.autocast():
+                # 3. The teacher's CFG-guided DDIM step x_s -> x_e (cond and uncond in one call).
+                teacher_eps = teacher_unet(
+                    torch.cat([x_start, x_start]).to(teacher_unet.dtype),
+                    torch.cat([start_timesteps, start_timesteps]),
+                    encoder_hidden_states=torch.cat(
+                        [prompt_embeds, uncond_prompt_embeds.expand_as(prompt_embeds)]
+                    ).to(teacher_unet.dtype),
+                ).sample.float()
+                eps_cond, eps_uncond = teacher_eps.chunk(2)
+                x0, eps = guided_teacher_prediction(
+                    eps_cond,
+                    eps_uncond,
+                    predicted_origin(eps_cond, x_start, alpha_start, sigma_start),
+                    predicted_origin(eps_uncond, x_start, alpha_start, sigma_start),
+                    args.w_scale,
+                )
+                x_end = solver.ddim_step(x0, eps, index)
 
-                    # 4. The target's endpoint y_T from x_e at te, at gamma = 1.
-                    target_eps = target_unet(
-                        x_end,
-                        end_timesteps,
-                        timestep_cond=gamma_embedding(torch.ones(batch_size, device=x_end.device), time_cond_proj_dim),
-                        encoder_hidden_states=prompt_embeds,
-                    ).sample.float()
-                    c_skip_end, c_out_end = scalings_for_boundary_conditions(append_dims(end_timesteps, ndim))
-                    y_target = consistency_output(
-                        x_end, predicted_origin(target_eps, x_end, alpha_end, sigma_end), c_skip_end, c_out_end
-                    )
-
-                # 5. The sub-path linear point x_g and its noise level sigma_g.
-                gamma = sample_gamma(batch_size, latents.device, ndim)
-                x_gamma, sigma_gamma = sub_path_point(x_start, x_end, gamma, alpha_start, alpha_end, sigma_end)
-
-                # 6. The student's endpoint y_S from x_g at ts, told gamma.
-                with accelerator.autocast():
-                    student_eps = unet(
-                        x_gamma,
-                        start_timesteps,
-                        timestep_cond=gamma_embedding(gamma.flatten(), time_cond_proj_dim),
-                        encoder_hidden_states=prompt_embeds,
-                    ).sample.float()
-                c_skip_start, c_out_start = scalings_for_boundary_conditions(append_dims(start_timesteps, ndim))
-                y_student = consistency_output(
-                    x_gamma, predicted_origin(student_eps, x_gamma, alpha_start, sigma_gamma), c_skip_start, c_out_start
+                # 4. The target's endpoint y_T from x_e at te, at gamma = 1.
+                target_eps = target_unet(
+                    x_end,
+                    end_timesteps,
+                    timestep_cond=gamma_embedding(torch.ones(batch_size, device=x_end.device), time_cond_proj_dim),
+                    encoder_hidden_states=prompt_embeds,
+                ).sample.float()
+                c_skip_end, c_out_end = scalings_for_boundary_conditions(append_dims(end_timesteps, ndim))
+                y_target = consistency_output(
+                    x_end, predicted_origin(target_eps, x_end, alpha_end, sigma_end), c_skip_end, c_out_end
                 )
 
-                # 7. Loss, optimizer step.
-                loss = distillation_loss(y_student, y_target, args.loss_type, args.huber_c)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+            # 5. The sub-path linear point x_g and its noise level sigma_g.
+            gamma = sample_gamma(batch_size, latents.device, ndim)
+            x_gamma, sigma_gamma = sub_path_point(x_start, x_end, gamma, alpha_start, alpha_end, sigma_end)
+
+            # 6. The student's endpoint y_S from x_g at ts, told gamma.
+            with accelerator.autocast():
+                student_eps = unet(
+                    x_gamma,
+                    start_timesteps,
+                    timestep_cond=gamma_embedding(gamma.flatten(), time_cond_proj_dim),
+                    encoder_hidden_states=prompt_embeds,
+                ).sample.float()
+            c_skip_start, c_out_start = scalings_for_boundary_conditions(append_dims(start_timesteps, ndim))
+            y_student = consistency_output(
+                x_gamma, predicted_origin(student_eps, x_gamma, alpha_start, sigma_gamma), c_skip_start, c_out_start
+            )
+
+            # 7. Loss, and an optimizer step unless the loss or the gradient is not finite
+            # (under fp16 grad scaling, inf gradients are the scaler's to skip).
+            loss = distillation_loss(y_student, y_target, args.loss_type, args.huber_c)
+            accelerator.backward(loss)
+            step_is_finite = True
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                step_is_finite = bool(torch.isfinite(loss)) and (
+                    accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+                )
+                if step_is_finite:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            if not accelerator.sync_gradients:
-                continue
-            # 8. The target follows the student; bookkeeping per optimizer step.
+        if not accelerator.sync_gradients:
+            continue
+        # 8. The target follows the student, on every optimizer step that was taken.
+        if step_is_finite and not accelerator.optimizer_step_was_skipped:
             update_ema(target_unet.parameters(), accelerator.unwrap_model(unet).parameters(), args.ema_decay)
-            global_step += 1
-            progress_bar.update(1)
-            logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress_bar.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-
-            if global_step % args.checkpointing_steps == 0:
-                path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                logger.info(f"Saved {path}")
-            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(
-                    accelerator,
-                    {"target": target_unet, "online": accelerator.unwrap_model(unet)},
-                    vae, text_encoder, tokenizer, lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
-                    args, global_step,
+        global_step += 1
+        progress_bar.update(1)
+        nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row:
+            logger.warning(f"Step {global_step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
+            if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
+                    "lower --learning_rate or check the teacher and the data"
                 )
-            if global_step >= args.max_train_steps:
-                break
-        if global_step >= args.max_train_steps:
-            break
+        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
+                "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
+        progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
+        accelerator.log(logs, step=global_step)
+
+        if global_step % args.checkpointing_steps == 0:
+            training_state = {
+                "global_step": global_step,
+                "data_segment": first_segment + math.ceil(batches_seen / batches_per_segment),
+                "batches_per_segment": batches_per_segment,
+                "data_stats": dict(data_stats),
+                "optimizer": optimizer_name(args),
+            }
+            path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit)
+            logger.info(f"Saved {path}")
+            if data_stats.total():
+                logger.info(f"Data so far: {data_stats.report()}")
+        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            log_validation(
+                accelerator,
+                {"target": target_unet, "online": accelerator.unwrap_model(unet)},
+                vae, text_encoder, tokenizer, lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+                args, global_step,
+            )
+    progress_bar.close()
+    if data_stats.total():
+        logger.info(f"Data in all: {data_stats.report()}")
 
     # ---- The distilled pipeline --------------------------------------------------------
     accelerator.wait_for_everyone()
@@ -342,5 +406,8 @@ if __name__ == "__main__":
     sys.argv = redact_secrets(sys.argv)
     try:
         main(arguments)
-    except SetupError as error:
+    except (SetupError, CheckpointError, NonFiniteError) as error:
         sys.exit(f"error: {error}")
+    except DataError as error:
+        # Raised in a loader worker, it arrives with the worker's traceback; its last line is the message.
+        sys.exit(f"error: {str(error).strip().splitlines()[-1].removeprefix('splam.data.DataError: ')}")

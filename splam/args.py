@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--cast_teacher_unet", action="store_true", help="Keep the teacher UNet in the half-precision dtype.")
     training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                           help="Use xformers' attention (PyTorch's SDPA is the default).")
+    training.add_argument("--max_nonfinite_steps", type=int, default=10,
+                          help="Stop after this many optimizer steps in a row with a NaN or inf loss or gradient.")
     training.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")
 
     checkpoints = parser.add_argument_group("checkpoints")
@@ -121,9 +123,15 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--num_ddim_timesteps must be positive, got {args.num_ddim_timesteps}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    for name in ("max_train_steps", "max_train_samples", "num_train_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must not be negative, got {args.dataloader_num_workers}")
     if args.max_train_steps is None and args.max_train_samples is None:
         parser.error("give --max_train_steps or --max_train_samples: a streamed dataset has no length of its own")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "max_nonfinite_steps", "vae_encode_batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 

@@ -1,21 +1,29 @@
 """Training checkpoints: ``output_dir/checkpoint-<step>/`` with accelerate's state
-(optimizer, lr scheduler, grad scaler, RNG states), the online student in ``unet/``
-and the EMA target in ``unet_target/``.
+(optimizer, lr scheduler, grad scaler, the RNG states of every process), the online
+student in ``unet/``, the EMA target in ``unet_target/`` and ``training_state.json``
+(the step, the data stream's position and counters, the optimizer's kind).
 
 A checkpoint is written into a hidden staging folder and renamed into place once
-complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that
-``latest`` would pick up; older checkpoints are rotated out only after that.
+complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that ``latest``
+would pick up; older checkpoints are rotated out only after that rename.
 """
 
+import json
 import os
 import re
 import shutil
 
+import torch
 from diffusers import UNet2DConditionModel
 
 from .args import SetupError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE = "training_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous ones are intact."""
 
 
 def list_checkpoints(output_dir: str) -> list:
@@ -28,18 +36,11 @@ def list_checkpoints(output_dir: str) -> list:
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
-def checkpoint_step(path: str) -> int:
-    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
-    if match is None:
-        raise ValueError(f"{path} is not a checkpoint-<step> folder")
-    return int(match.group(1))
-
-
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     """The checkpoint folder to resume from, or ``None`` to start fresh.
 
     ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
-    any other value must be an existing ``checkpoint-<step>`` folder.
+    any other value must be an existing checkpoint folder.
     """
     if resume_from_checkpoint is None:
         return None
@@ -48,9 +49,20 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
         return checkpoints[-1] if checkpoints else None
     if not os.path.isdir(resume_from_checkpoint):
         raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-    if CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(resume_from_checkpoint))) is None:
-        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a checkpoint-<step> folder")
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE)):
+        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a complete checkpoint of this script")
     return resume_from_checkpoint
+
+
+def read_training_state(checkpoint_path: str) -> dict:
+    with open(os.path.join(checkpoint_path, TRAINING_STATE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def check_finite(module, name: str) -> None:
+    for parameter_name, parameter in module.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise CheckpointError(f"refusing to save {name}: {parameter_name} holds NaN or inf")
 
 
 def register_unet_hooks(accelerator, target_unet) -> None:
@@ -59,7 +71,10 @@ def register_unet_hooks(accelerator, target_unet) -> None:
 
     def save_unets(models, weights, output_dir):
         if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+            student = accelerator.unwrap_model(models[0])
+            check_finite(student, "the student")
+            check_finite(target_unet, "the EMA target")
+            student.save_pretrained(os.path.join(output_dir, "unet"))
             target_unet.save_pretrained(os.path.join(output_dir, "unet_target"))
         weights.pop()
 
@@ -72,21 +87,32 @@ def register_unet_hooks(accelerator, target_unet) -> None:
     accelerator.register_load_state_pre_hook(load_unets)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, total_limit=None) -> str:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``."""
+def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None) -> str:
+    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``.
+
+    On failure (disk full, no permission) the staging folder is removed, the earlier
+    checkpoints are untouched, and ``CheckpointError`` names the path.
+    """
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process:
         shutil.rmtree(staging_path, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(staging_path)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if os.path.isdir(final_path):
-            shutil.rmtree(final_path)
-        os.replace(staging_path, final_path)
-        if total_limit is not None:
-            for old_path in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old_path)
+    try:
+        accelerator.save_state(staging_path)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
+                json.dump(training_state, handle, indent=2)
+            if os.path.isdir(final_path):
+                shutil.rmtree(final_path)
+            os.replace(staging_path, final_path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+        if accelerator.is_main_process:
+            shutil.rmtree(staging_path, ignore_errors=True)
+        raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error
+    if accelerator.is_main_process and total_limit is not None:
+        for old_path in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old_path)
     accelerator.wait_for_everyone()
     return final_path

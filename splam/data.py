@@ -1,24 +1,61 @@
-"""Streaming ``(image, caption)`` pairs from webdataset tar shards.
+"""Streaming batches of ``(pixels, token ids)`` from webdataset tar shards.
 
-A shard spec is what ``--train_shards_path_or_url`` takes: local paths, URLs,
-``pipe:`` commands, ``{000..009}`` brace ranges and ``::``-separated lists of these.
-Samples are grouped by webdataset's own tar reader, which understands the
-end-of-shard marker of webdataset 1.x (the authors' custom grouping crashed on it,
-SPEC defect 2). A sample without an image or a caption is skipped.
+A shard spec is what ``--train_shards_path_or_url`` takes: local paths, URLs, ``pipe:``
+commands, ``{000..009}`` brace ranges and ``::``-separated lists of these. Samples are
+grouped by webdataset's own tar reader, which understands the end-of-shard marker of
+webdataset 1.x (the authors' custom grouping crashed on it, SPEC defect 2).
+
+Web data is dirty. Every sample that cannot be used is skipped, every one that can be
+mended is repaired, and both are counted by reason (``DataStats``) so the training loop
+can report them; a stream in which nothing usable remains raises ``DataError``.
+
+For exact resume the stream is cut into *segments* of a fixed number of batches (one
+checkpoint interval). Everything random in a segment (shard choice, shuffle, crops,
+flips) comes from an RNG seeded by ``(seed, segment, process, worker)`` only, so the
+stream from segment ``k`` on is the same whether or not the run was restarted there.
 """
 
-import functools
+import collections
 import io
-import math
+import os
 import random
+import re
+import warnings
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 
+from .args import SetupError
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
+# Reasons a sample is dropped, and reasons it was mended, as counted in DataStats.
+SKIP_REASONS = ("bad_shard", "no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large")
+REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled")
+HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+MAX_UNDECODABLE_IN_A_ROW = 1000
+
+
+class DataError(RuntimeError):
+    """The shard stream yields nothing usable."""
+
+
+class DataStats(collections.Counter):
+    """Counts of skipped and repaired samples by reason."""
+
+    def skipped(self) -> int:
+        return sum(self[reason] for reason in SKIP_REASONS)
+
+    def repaired(self) -> int:
+        return sum(self[reason] for reason in REPAIR_REASONS)
+
+    def summary(self) -> str:
+        return ", ".join(f"{reason} {count}" for reason, count in sorted(self.items()) if count)
+
+    def report(self) -> str:
+        return f"{self.skipped()} samples skipped, {self.repaired()} repaired ({self.summary() or 'no reasons'})"
 
 
 def expand_shard_urls(spec: str) -> list:
@@ -26,21 +63,45 @@ def expand_shard_urls(spec: str) -> list:
     return wds.shardlists.expand_urls(spec)
 
 
+def check_local_shards(urls) -> None:
+    """Refuse a shard spec whose URLs are all local paths and none of which exists."""
+    local = [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
+    if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
+        raise SetupError(f"--train_shards_path_or_url matches no file (first: {urls[0]}, {len(urls)} in all)")
+
+
+def to_rgb(image: Image.Image, stats: DataStats) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16- and 32-bit greyscale rescaled to 8 bits, transparency
+    composited over white, palette, CMYK and the rest converted by PIL."""
+    if image.mode == "RGB":
+        return image
+    stats["image_mode_converted"] += 1
+    if image.mode in HIGH_DEPTH_MODES:
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            array = array / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageTransform:
     """Resize the shorter side to ``resolution`` (bilinear, antialiased), crop a square
     (random, or central with ``center_crop``), flip horizontally with probability 0.5
-    when ``random_flip``, and map to a float tensor ``[3, R, R]`` in ``[-1, 1]``.
-
-    Random choices use Python's ``random``, which PyTorch seeds in every loader worker.
-    """
+    when ``random_flip``, and map to a float tensor ``[3, R, R]`` in ``[-1, 1]``."""
 
     def __init__(self, resolution: int, center_crop: bool = False, random_flip: bool = False):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = image.convert("RGB")
+    def __call__(self, image: Image.Image, rng: random.Random, stats: DataStats) -> torch.Tensor:
+        image = to_rgb(image, stats)
+        if min(image.size) < self.resolution:
+            stats["image_upscaled"] += 1
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
@@ -48,10 +109,10 @@ class ImageTransform:
             left = (image.width - self.resolution) // 2
             top = (image.height - self.resolution) // 2
         else:
-            left = random.randint(0, image.width - self.resolution)
-            top = random.randint(0, image.height - self.resolution)
+            left = rng.randint(0, image.width - self.resolution)
+            top = rng.randint(0, image.height - self.resolution)
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and random.random() < 0.5:
+        if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         return pixels.float().div(127.5).sub(1.0)
@@ -61,64 +122,186 @@ def first_present(sample: dict, keys):
     return next((sample[key] for key in keys if sample.get(key) is not None), None)
 
 
-def decode_sample(sample: dict, transform: ImageTransform):
-    """``(pixels, caption)`` of a raw tar sample, or ``None`` when the image or the caption is missing."""
-    image_bytes = first_present(sample, IMAGE_KEYS)
-    caption = first_present(sample, CAPTION_KEYS)
-    if image_bytes is None or caption is None:
-        return None
-    with Image.open(io.BytesIO(image_bytes)) as image:
-        pixels = transform(image)
-    return pixels, caption.decode("utf-8").strip()
+def decode_caption(raw, stats: DataStats) -> str:
+    try:
+        caption = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["caption_not_utf8"] += 1
+        caption = raw.decode("utf-8", errors="replace")
+    return caption.strip()
 
 
-def collate_pairs(samples):
-    pixels, captions = zip(*samples)
-    return torch.stack(pixels), list(captions)
+def captioned_images(raw_samples, stats: DataStats, on_sample=None):
+    """``(image bytes, caption)`` of each raw tar sample that has both; the others are counted.
+    ``on_sample`` is called for each one that passes."""
+    for sample in raw_samples:
+        image_bytes = first_present(sample, IMAGE_KEYS)
+        raw_caption = first_present(sample, CAPTION_KEYS)
+        if image_bytes is None or raw_caption is None:
+            stats["no_image" if image_bytes is None else "no_caption"] += 1
+            continue
+        caption = decode_caption(raw_caption, stats)
+        if not caption:
+            stats["empty_caption"] += 1
+            continue
+        if on_sample is not None:
+            on_sample()
+        yield image_bytes, caption
 
 
-def image_text_pipeline(urls, transform: ImageTransform, *, resampled: bool, shuffle_buffer: int, seed: int):
-    """The sample stream over ``urls``: ``(pixels, caption)`` pairs.
+def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Random, stats: DataStats) -> torch.Tensor:
+    """The transformed image, or ``None`` when it cannot be used (counted). Images over PIL's
+    decompression-bomb limit (about 89 megapixels) are skipped; large JPEGs are decoded at a
+    reduced scale."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image_bytes)) as image:
+                image.draft("RGB", (transform.resolution, transform.resolution))
+                image.load()
+                return transform(image, rng, stats)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        stats["image_too_large"] += 1
+    except (OSError, ValueError, SyntaxError):
+        stats["undecodable_image"] += 1
+    return None
 
-    ``resampled`` draws shards with replacement forever (seeded per process and
-    worker); otherwise every shard is read once, split between processes and workers.
+
+def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats):
+    """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes; stops with
+    ``DataError`` after ``MAX_UNDECODABLE_IN_A_ROW`` failures in a row."""
+    failures_in_a_row = 0
+    for image_bytes, caption in pairs:
+        pixels = decode_image(image_bytes, transform, rng, stats)
+        if pixels is None:
+            failures_in_a_row += 1
+            if failures_in_a_row >= MAX_UNDECODABLE_IN_A_ROW:
+                raise DataError(f"{failures_in_a_row} images in a row could not be used ({stats.summary()})")
+            continue
+        failures_in_a_row = 0
+        yield pixels, caption
+
+
+def tar_samples(urls, stats: DataStats):
+    """Raw samples (dicts of bytes by extension) of the shards in ``urls``, in order. A shard
+    that cannot be opened or read to the end is counted as ``bad_shard``; reading goes on
+    with the next one."""
+
+    def count_bad_shard(error):
+        stats["bad_shard"] += 1
+        return True
+
+    return wds.tarfile_samples(({"url": url} for url in urls), handler=count_bad_shard)
+
+
+def shuffled(samples, buffer_size: int, rng: random.Random):
+    """Shuffle a stream through a buffer of up to ``buffer_size`` items. The buffer grows by two
+    in, one out, and the first item leaves once a tenth of it is filled, so a segment starts
+    without a long wait."""
+    initial = max(1, buffer_size // 10)
+    buffer = []
+    samples = iter(samples)
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) < buffer_size:
+            extra = next(samples, None)
+            if extra is not None:
+                buffer.append(extra)
+        if len(buffer) >= initial:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def tokenize(tokenizer, captions, stats: DataStats) -> torch.Tensor:
+    """Token ids ``[B, 77]``, padded; captions longer than the tokenizer's limit are truncated (and counted)."""
+    max_length = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(captions).input_ids]
+    stats["caption_truncated"] += sum(length > max_length for length in lengths)
+    return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One segment of the training stream: ``batches_per_segment`` batches per process of
+    ``(pixels [B, 3, R, R], input_ids [B, 77], DataStats since the previous batch)``.
+
+    Shards are drawn with replacement; set ``segment`` before each pass. Loader workers
+    split the segment's batches between them and draw from their own RNGs.
     """
-    if resampled:
-        shards = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
-    else:
-        shards = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
-    shuffle = [wds.detshuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed)] if shuffle_buffer > 1 else []
-    return wds.DataPipeline(
-        *shards,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        *shuffle,
-        wds.map(functools.partial(decode_sample, transform=transform), handler=wds.warn_and_continue),
-    )
+
+    def __init__(self, urls, transform, tokenizer, *, batch_size, batches_per_segment, shuffle_buffer, seed,
+                 process_index=0):
+        self.urls = list(urls)
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.batches_per_segment = batches_per_segment
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.process_index = process_index
+        self.segment = 0
+        # A run of this many shards in a row without one captioned image means the data is unusable.
+        self.max_unusable_shards = min(max(8, 2 * len(self.urls)), 64)
+
+    def worker_share(self):
+        """``(worker id, number of batches this worker yields)`` for the current loader worker."""
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        base, extra = divmod(self.batches_per_segment, num_workers)
+        return worker, base + (worker < extra)
+
+    def __iter__(self):
+        worker, num_batches = self.worker_share()
+        rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
+        stats = DataStats()
+        unusable_shards = 0
+
+        def drawn_shards():
+            nonlocal unusable_shards
+            while True:
+                if unusable_shards >= self.max_unusable_shards:
+                    raise DataError(
+                        f"no captioned image in {unusable_shards} shards in a row of {len(self.urls)} "
+                        f"(skipped so far: {stats.summary() or 'nothing'}); check --train_shards_path_or_url"
+                    )
+                unusable_shards += 1
+                yield rng.choice(self.urls)
+
+        def reset_unusable():
+            nonlocal unusable_shards
+            unusable_shards = 0
+
+        # Captions are checked before the shuffle buffer (cheap, and it keeps unusable samples out
+        # of it); images are decoded after it.
+        pairs = captioned_images(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
+        samples = decoded_images(shuffled(pairs, self.shuffle_buffer, rng), self.transform, rng, stats)
+        for _ in range(num_batches):
+            batch = [next(samples) for _ in range(self.batch_size)]
+            pixels = torch.stack([pixels for pixels, _ in batch])
+            input_ids = tokenize(self.tokenizer, [caption for _, caption in batch], stats)
+            yield pixels, input_ids, DataStats(stats)
+            stats.clear()
 
 
-def make_train_dataloader(
-    urls,
-    transform: ImageTransform,
-    *,
-    batch_size: int,
-    num_batches: int,
-    num_workers: int,
-    shuffle_buffer: int,
-    seed: int,
-    pin_memory: bool,
-):
-    """A ``WebLoader`` of ``num_batches`` batches ``(pixels [B, 3, R, R], captions)`` per epoch
-    over resampled shards; each of the ``num_workers`` workers yields its share."""
-    pipeline = image_text_pipeline(urls, transform, resampled=True, shuffle_buffer=shuffle_buffer, seed=seed)
-    pipeline.append(wds.batched(batch_size, partial=False, collation_fn=collate_pairs))
-    batches_per_worker = math.ceil(num_batches / max(num_workers, 1))
-    loader = wds.WebLoader(
-        pipeline.with_epoch(batches_per_worker),
+def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bool):
+    """A loader over one segment of ``dataset`` per pass. Workers are started afresh for each
+    pass so that they see the segment set on the dataset, and the loader's own generator keeps
+    the global torch RNG out of the data."""
+    return torch.utils.data.DataLoader(
+        dataset,
         batch_size=None,
-        shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(dataset.seed),
     )
-    loader.num_batches = num_batches
-    return loader
+
+
+def train_batches(loader, first_segment: int):
+    """The endless stream of training batches, segment after segment from ``first_segment``."""
+    segment = first_segment
+    while True:
+        loader.dataset.segment = segment
+        yield from loader
+        segment += 1

@@ -14,14 +14,20 @@ class TeacherError(SetupError):
 
 
 def load_teacher_scheduler(args) -> DDPMScheduler:
-    """The teacher's noise schedule, read before any weights so that a teacher outside
-    the method (SPEC: only epsilon prediction) is refused first."""
+    """The teacher's noise schedule, read before any weights so that a teacher outside the
+    method (SPEC: only epsilon prediction) or a DDIM grid that does not fit is refused first."""
     try:
         scheduler = DDPMScheduler.from_pretrained(
             args.pretrained_teacher_model, subfolder="scheduler", revision=args.teacher_revision, cache_dir=args.cache_dir
         )
     except OSError as error:
-        raise TeacherError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {error}") from error
+        reason = " ".join(str(error).split())  # the libraries' messages span several lines
+        raise TeacherError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {reason}") from error
+    if scheduler.config.num_train_timesteps % args.num_ddim_timesteps != 0:
+        raise SetupError(
+            f"--num_ddim_timesteps {args.num_ddim_timesteps} does not divide the teacher's "
+            f"{scheduler.config.num_train_timesteps} training timesteps"
+        )
     if scheduler.config.prediction_type != "epsilon":
         raise TeacherError(
             f"the teacher {args.pretrained_teacher_model} predicts {scheduler.config.prediction_type!r}; "

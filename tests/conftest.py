@@ -1,11 +1,13 @@
 """The tiny world shared by the tests: a random-weight SD teacher and webdataset shards,
 built locally by the project's own scripts."""
 
+import glob
 import os
 import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -19,6 +21,45 @@ def run_script(*args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+LEARNING_RATE = 1e-4
+WARMUP_STEPS = 8
+
+
+def training_command(teacher, shards, output_dir, *flags):
+    """``accelerate launch`` of the training script with the seed README's flags scaled down."""
+    return [
+        *ACCELERATE_LAUNCH,
+        "train_splam_distill_sd_wds.py",
+        f"--pretrained_teacher_model={teacher}",
+        f"--output_dir={output_dir}",
+        f"--train_shards_path_or_url={shards}",
+        f"--resolution={RESOLUTION}",
+        f"--learning_rate={LEARNING_RATE}", "--loss_type=huber", "--ema_decay=0.95", "--adam_weight_decay=0.0",
+        "--lr_scheduler=constant_with_warmup", f"--lr_warmup_steps={WARMUP_STEPS}",
+        "--train_batch_size=2", "--gradient_accumulation_steps=1", "--gradient_checkpointing",
+        "--dataloader_num_workers=1", "--seed=453645634", "--validation_steps=1000",
+        *flags,
+    ]
+
+
+def launch(teacher, shards, output_dir, *flags, env=None):
+    """Run a training command to the end and check that it succeeded."""
+    result = run_script(*training_command(teacher, shards, output_dir, *flags), env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def logged_scalars(output_dir, tag):
+    """``{step: value}`` per tensorboard event file, oldest run first."""
+    runs = []
+    for path in sorted(glob.glob(os.path.join(output_dir, "logs", "*", "events.out.tfevents.*"))):
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        runs.append({event.step: event.value for event in accumulator.Scalars(tag)})
+    return runs
 
 
 @pytest.fixture(scope="session")

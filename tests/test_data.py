@@ -1,23 +1,44 @@
-"""The webdataset input over real tar files."""
+"""The webdataset input over real tar files: decoding, the shard boundary, dirty data,
+and the segmented stream that makes resume exact."""
 
 import io
-import os
+import random
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from transformers import CLIPTokenizer
 
-from splam.data import ImageTransform, expand_shard_urls, image_text_pipeline, make_train_dataloader
+from splam.args import SetupError
+from splam.data import (
+    DataError,
+    MAX_UNDECODABLE_IN_A_ROW,
+    DataStats,
+    ImageTransform,
+    ShardStream,
+    check_local_shards,
+    captioned_images,
+    decoded_images,
+    expand_shard_urls,
+    make_train_dataloader,
+    tar_samples,
+    tokenize,
+    train_batches,
+)
 
 from conftest import RESOLUTION
 
 
-def jpeg_bytes(color, size=(80, 64)):
+def encoded(image: Image.Image, format="PNG") -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="JPEG", quality=95)
+    image.save(buffer, format=format)
     return buffer.getvalue()
+
+
+def jpeg_bytes(color, size=(80, 64)):
+    return encoded(Image.new("RGB", size, color), "JPEG")
 
 
 def write_tar(path, samples):
@@ -27,11 +48,15 @@ def write_tar(path, samples):
     return str(path)
 
 
-def read_all(urls, resolution=32, **transform_flags):
-    pipeline = image_text_pipeline(
-        urls, ImageTransform(resolution, **transform_flags), resampled=False, shuffle_buffer=0, seed=0
-    )
-    return list(pipeline)
+def read_all(urls, resolution=32, stats=None, **transform_flags):
+    stats = DataStats() if stats is None else stats
+    transform = ImageTransform(resolution, **transform_flags)
+    return list(decoded_images(captioned_images(tar_samples(urls, stats), stats), transform, random.Random(0), stats))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_teacher):
+    return CLIPTokenizer.from_pretrained(tiny_teacher, subfolder="tokenizer")
 
 
 def test_expand_shard_urls_braces_lists_and_pipes():
@@ -40,6 +65,13 @@ def test_expand_shard_urls_braces_lists_and_pipes():
     pipes = expand_shard_urls("pipe:curl -L -s https://host/data/{00000..01099}.tar?download=true")
     assert len(pipes) == 1100
     assert pipes[7] == "pipe:curl -L -s https://host/data/00007.tar?download=true"
+
+
+def test_a_local_pattern_that_matches_nothing_is_refused(tmp_path, tiny_shards):
+    with pytest.raises(SetupError, match="matches no file"):
+        check_local_shards(expand_shard_urls(f"{tmp_path}/missing-{{000..003}}.tar"))
+    check_local_shards(expand_shard_urls(tiny_shards))
+    check_local_shards(expand_shard_urls("pipe:curl -s https://host/{0..3}.tar"))
 
 
 def test_generated_shards_decode_to_normalised_pairs(tiny_shards):
@@ -65,10 +97,12 @@ def test_shard_boundary_with_repeated_key_and_incomplete_samples(tmp_path):
         {"__key__": "no_image", "txt": "nothing to see"},
         {"__key__": "s2", "jpeg": jpeg_bytes("white"), "caption": "  white  ", "json": "{}"},
     ])
-    samples = read_all([first, second])
+    stats = DataStats()
+    samples = read_all([first, second], stats=stats)
     assert [caption for _, caption in samples] == ["red", "green", "blue", "white"]
     blue = samples[2][0]
     assert blue[2].mean() > 0.9 and blue[0].mean() < -0.9
+    assert stats["no_caption"] == 1 and stats["no_image"] == 1 and stats.skipped() == 2
 
 
 def test_pipe_command_shards(tmp_path):
@@ -81,32 +115,132 @@ def test_transform_resizes_shorter_side_and_crops_the_centre():
     # Left third red, middle third green, right third blue, 96 x 32 pixels.
     array = np.zeros((32, 96, 3), dtype=np.uint8)
     array[:, :32, 0] = array[:, 32:64, 1] = array[:, 64:, 2] = 255
-    pixels = ImageTransform(16, center_crop=True)(Image.fromarray(array))
+    pixels = ImageTransform(16, center_crop=True)(Image.fromarray(array), random.Random(0), DataStats())
     assert pixels.shape == (3, 16, 16)
     np.testing.assert_allclose(pixels[:, 8, 8].numpy(), [-1.0, 1.0, -1.0], atol=0.02)
 
 
-def test_transform_converts_modes_and_flips():
-    gray = ImageTransform(8, center_crop=True)(Image.new("L", (20, 10), 255))
-    assert gray.shape == (3, 8, 8) and torch.allclose(gray, torch.ones_like(gray))
-    gradient = Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1)))
-    flipped = [ImageTransform(8, center_crop=True, random_flip=True)(gradient) for _ in range(40)]
+def test_transform_flips_about_half_the_time():
+    gradient = Image.fromarray(np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))).convert("RGB")
+    transform, rng = ImageTransform(8, center_crop=True, random_flip=True), random.Random(0)
+    flipped = [transform(gradient, rng, DataStats()) for _ in range(40)]
     increasing = sum(bool(p[0, 0, 0] < p[0, 0, -1]) for p in flipped)
-    assert 0 < increasing < 40
+    assert 5 < increasing < 35
 
 
-def test_train_dataloader_yields_fixed_size_batches(tiny_shards):
-    loader = make_train_dataloader(
-        expand_shard_urls(tiny_shards),
-        ImageTransform(RESOLUTION),
-        batch_size=4,
-        num_batches=5,
-        num_workers=2,
-        shuffle_buffer=8,
-        seed=0,
-        pin_memory=False,
-    )
-    batches = list(loader)
-    assert len(batches) >= 5
-    for pixels, captions in batches:
-        assert pixels.shape == (4, 3, RESOLUTION, RESOLUTION) and len(captions) == 4
+def image_in_mode(mode):
+    """A 40 x 40 image in ``mode`` whose content should read as mid grey (or white where transparent)."""
+    if mode == "I;16":
+        return Image.fromarray(np.full((40, 40), 32768, dtype=np.uint16))
+    if mode == "CMYK":
+        return Image.new("CMYK", (40, 40), (0, 0, 0, 127))
+    if mode == "P":
+        return Image.new("RGB", (40, 40), (128, 128, 128)).convert("P")
+    if mode == "RGBA":
+        return Image.new("RGBA", (40, 40), (128, 128, 128, 0))
+    if mode == "LA":
+        return Image.new("LA", (40, 40), (128, 0))
+    return Image.new(mode, (40, 40), 128)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("L", 128), ("I;16", 128), ("CMYK", 128), ("P", 128), ("RGBA", 255), ("LA", 255),
+])
+def test_image_modes_are_repaired_to_rgb(tmp_path, mode, expected):
+    # PNG cannot hold CMYK; JPEG can.
+    extension, image_format = ("jpg", "JPEG") if mode == "CMYK" else ("png", "PNG")
+    shard = write_tar(tmp_path / "modes.tar", [
+        {"__key__": "x", extension: encoded(image_in_mode(mode), image_format), "txt": "an image"},
+    ])
+    stats = DataStats()
+    [(pixels, _)] = read_all([shard], resolution=32, stats=stats)
+    assert pixels.shape == (3, 32, 32)
+    np.testing.assert_allclose(((pixels + 1) * 127.5).mean(dim=(1, 2)).numpy(), [expected] * 3, atol=3)
+    assert stats["image_mode_converted"] == 1
+
+
+def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch):
+    good = jpeg_bytes("red", (64, 64))
+    samples = [
+        {"__key__": "ok", "jpg": good, "txt": "fine"},
+        {"__key__": "broken_bytes", "jpg": b"\xff\xd8 not really a jpeg", "txt": "broken"},
+        {"__key__": "truncated_jpeg", "jpg": good[: len(good) // 2], "txt": "half an image"},
+        {"__key__": "empty_caption", "jpg": good, "txt": "   \n"},
+        {"__key__": "latin1", "jpg": good, "txt": "caf\xe9 au lait".encode("latin-1")},
+        {"__key__": "small", "jpg": jpeg_bytes("blue", (8, 6)), "txt": "tiny"},
+        {"__key__": "huge", "png": encoded(Image.new("RGB", (2000, 2000), "white")), "txt": "too big"},
+        {"__key__": "large_jpeg", "jpg": jpeg_bytes("green", (1600, 1200)), "txt": "large but fine"},
+    ]
+    shard = write_tar(tmp_path / "dirty.tar", samples)
+    # PIL's decompression-bomb limit, lowered so that a 4-megapixel image stands for a giant one.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_500_000)
+    stats = DataStats()
+    decoded = read_all([shard], resolution=32, stats=stats)
+    assert [caption for _, caption in decoded] == ["fine", "caf\ufffd au lait", "tiny", "large but fine"]
+    assert stats == DataStats(undecodable_image=2, empty_caption=1, caption_not_utf8=1, image_upscaled=1, image_too_large=1)
+    assert stats.skipped() == 4 and stats.repaired() == 2
+
+
+def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_path):
+    samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes("gray", (64, 64)), "txt": f"c{i}"} for i in range(6)]
+    whole = open(write_tar(tmp_path / "whole.tar", samples), "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar file at all" * 100)
+    stats = DataStats()
+    decoded = read_all([str(cut), str(garbage), str(tmp_path / "missing.tar"), str(tmp_path / "whole.tar")], stats=stats)
+    captions = [caption for _, caption in decoded]
+    # The cut shard gives its complete samples (a cut-off last member, if any, fails to decode);
+    # the unreadable and the missing shard are counted; the whole one follows intact.
+    assert captions[-6:] == [f"c{i}" for i in range(6)]
+    assert captions[:3] == ["c0", "c1", "c2"] and len(captions) - 6 < 6
+    assert stats["bad_shard"] == 2
+
+
+def test_long_captions_are_truncated_and_counted(tokenizer):
+    stats = DataStats()
+    ids = tokenize(tokenizer, ["short", "a very long caption " * 20], stats)
+    assert ids.shape == (2, 77)
+    assert stats["caption_truncated"] == 1
+
+
+def shard_stream(urls, tokenizer, **overrides):
+    options = dict(batch_size=3, batches_per_segment=4, shuffle_buffer=8, seed=7)
+    options.update(overrides)
+    return ShardStream(urls, ImageTransform(RESOLUTION, random_flip=True), tokenizer, **options)
+
+
+def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
+    shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
+    with pytest.raises(DataError, match="no captioned image in 8 shards in a row"):
+        next(iter(shard_stream(shards, tokenizer)))
+
+
+def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):
+    shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{j}", "jpg": b"junk", "txt": "x"} for j in range(MAX_UNDECODABLE_IN_A_ROW)])
+    with pytest.raises(DataError, match=f"{MAX_UNDECODABLE_IN_A_ROW} images in a row could not be used"):
+        next(iter(shard_stream([shard], tokenizer)))
+
+
+def test_each_segment_is_the_same_whether_the_stream_starts_there_or_not(tiny_shards, tokenizer):
+    """The data half of exact resume: segment 2 read after segments 0 and 1 equals segment 2
+    read by a fresh loader, with two workers."""
+    urls = expand_shard_urls(tiny_shards)
+    loader = make_train_dataloader(shard_stream(urls, tokenizer), num_workers=2, pin_memory=False)
+    continuous = [batch for _, batch in zip(range(12), train_batches(loader, 0))]
+    fresh_loader = make_train_dataloader(shard_stream(urls, tokenizer), num_workers=2, pin_memory=False)
+    resumed = [batch for _, batch in zip(range(4), train_batches(fresh_loader, 2))]
+    for (pixels, ids, _), (resumed_pixels, resumed_ids, _) in zip(continuous[8:], resumed):
+        assert torch.equal(pixels, resumed_pixels) and torch.equal(ids, resumed_ids)
+    assert not torch.equal(continuous[0][0], continuous[4][0])
+    for pixels, ids, stats in continuous:
+        assert pixels.shape == (3, 3, RESOLUTION, RESOLUTION) and ids.shape == (3, 77)
+        assert isinstance(stats, DataStats)
+
+
+def test_processes_read_different_samples(tiny_shards, tokenizer):
+    urls = expand_shard_urls(tiny_shards)
+    first = next(iter(shard_stream(urls, tokenizer, process_index=0)))
+    second = next(iter(shard_stream(urls, tokenizer, process_index=1)))
+    assert not torch.equal(first[0], second[0])

@@ -9,46 +9,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, UNet2DConditionModel
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from splam.args import parse_args, public_config, redact_secrets
 
-from conftest import REPO_ROOT, RESOLUTION, run_script
-
-ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-LEARNING_RATE = 1e-4
-WARMUP_STEPS = 8
-
-
-def launch(teacher, shards, output_dir, *flags, env=None):
-    """Run the training script under ``accelerate launch`` with the seed README's flags scaled down."""
-    result = run_script(
-        *ACCELERATE_LAUNCH,
-        "train_splam_distill_sd_wds.py",
-        f"--pretrained_teacher_model={teacher}",
-        f"--output_dir={output_dir}",
-        f"--train_shards_path_or_url={shards}",
-        f"--resolution={RESOLUTION}",
-        f"--learning_rate={LEARNING_RATE}", "--loss_type=huber", "--ema_decay=0.95", "--adam_weight_decay=0.0",
-        "--lr_scheduler=constant_with_warmup", f"--lr_warmup_steps={WARMUP_STEPS}",
-        "--train_batch_size=2", "--gradient_accumulation_steps=1", "--gradient_checkpointing",
-        "--dataloader_num_workers=1", "--seed=453645634", "--validation_steps=1000",
-        *flags,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
-
-def logged_scalars(output_dir, tag):
-    """``{step: value}`` per tensorboard event file, oldest run first."""
-    runs = []
-    for path in sorted(glob.glob(os.path.join(output_dir, "logs", "*", "events.out.tfevents.*"))):
-        accumulator = EventAccumulator(path)
-        accumulator.Reload()
-        runs.append({event.step: event.value for event in accumulator.Scalars(tag)})
-    return runs
-
+from conftest import LEARNING_RATE, REPO_ROOT, RESOLUTION, WARMUP_STEPS, launch, logged_scalars, run_script
 
 def unet_weights(path):
     return UNet2DConditionModel.from_pretrained(path).state_dict()
@@ -111,12 +75,13 @@ def test_output_is_an_lcm_pipeline_whose_unet_is_the_ema_target(resumed_run):
     assert "6 optimizer steps" in card and "| `w_scale` | `8.0` |" in card
 
 
-def test_fp16_8bit_adam_wandb_and_validation(tiny_teacher, tiny_shards, tmp_path):
+def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_shards, tmp_path):
     output_dir = str(tmp_path / "fp16")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
-    launch(
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
+               HF_TOKEN="hf_EnvironmentTokenThatMustNotLeak")
+    result = launch(
         tiny_teacher, tiny_shards, output_dir,
-        "--mixed_precision=fp16", "--use_8bit_adam", "--report_to=wandb", "--max_train_steps=2",
+        "--mixed_precision=fp16", "--use_8bit_adam", "--report_to=tensorboard,wandb", "--max_train_steps=2",
         "--checkpointing_steps=2", "--validation_steps=2", "--validation_prompts", "a cat", "a rocket",
         "--hub_token=hf_SecretTokenThatMustNotLeak",
         env=env,
@@ -132,9 +97,13 @@ def test_fp16_8bit_adam_wandb_and_validation(tiny_teacher, tiny_shards, tmp_path
     # bitsandbytes keeps 8-bit states (uint8 plus block-wise absmax) for tensors of 4096 elements and more.
     first_moments = [state["__bnb_optimizer_quant_state__"]["state1"] for state in optimizer_state.values()]
     assert any(moment.dtype == torch.uint8 for moment in first_moments)
-    for path in glob.glob(os.path.join(str(tmp_path), "**", "*"), recursive=True):
-        if os.path.isfile(path):
-            assert b"hf_SecretTokenThatMustNotLeak" not in open(path, "rb").read(), path
+    assert logged_scalars(output_dir, "loss")[0].keys() == {1, 2}
+    # Secrets: neither token is in anything the run wrote or printed.
+    written = [open(path, "rb").read() for path in glob.glob(os.path.join(str(tmp_path), "**", "*"), recursive=True)
+               if os.path.isfile(path)]
+    for secret in (b"hf_SecretTokenThatMustNotLeak", b"hf_EnvironmentTokenThatMustNotLeak"):
+        assert not any(secret in content for content in written)
+        assert secret.decode() not in result.stdout + result.stderr
 
 
 def test_missing_xformers_stops_before_loading_weights(tiny_teacher, tiny_shards, tmp_path):

@@ -1,0 +1,258 @@
+"""A run that survives kills, dirty data, wrong command lines and numerical faults."""
+
+import glob
+import io
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO_ROOT, launch, logged_scalars, run_script, training_command
+
+
+def safetensors_of(folder):
+    return load_file(glob.glob(os.path.join(folder, "*.safetensors"))[0])
+
+
+def assert_same_weights(first_folder, second_folder):
+    first, second = safetensors_of(first_folder), safetensors_of(second_folder)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_teacher, tiny_shards, tmp_path):
+    """SIGKILL right after checkpoint-4, resume from `latest`: the losses of steps 5-12 and the
+    final weights equal those of an uninterrupted run, bit for bit."""
+    flags = ["--max_train_steps=12", "--checkpointing_steps=4", "--resume_from_checkpoint=latest",
+             "--dataloader_num_workers=2", "--mixed_precision=no", "--random_flip", "--proportion_empty_prompts=0.2"]
+    uninterrupted = str(tmp_path / "uninterrupted")
+    launch(tiny_teacher, tiny_shards, uninterrupted, *flags)
+
+    killed = str(tmp_path / "killed")
+    process = subprocess.Popen(
+        [sys.executable, *training_command(tiny_teacher, tiny_shards, killed, *flags)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, "checkpoint-4")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(killed, "checkpoint-8")), "killed too late to test a resume from step 4"
+    assert not os.path.exists(os.path.join(killed, "model_index.json"))
+
+    resumed = launch(tiny_teacher, tiny_shards, killed, *flags)
+    assert "Resuming from" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    reference_losses = logged_scalars(uninterrupted, "loss")[0]
+    resumed_losses = logged_scalars(killed, "loss")[-1]
+    assert sorted(resumed_losses) == list(range(5, 13))
+    assert resumed_losses == {step: reference_losses[step] for step in range(5, 13)}
+    for folder in ("unet", "unet_online", "checkpoint-12/unet_target"):
+        assert_same_weights(os.path.join(uninterrupted, folder), os.path.join(killed, folder))
+
+
+def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_path):
+    output_dir = tmp_path / "run"
+    launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--checkpointing_steps=2")
+    # What a kill in the middle of saving step 4 leaves behind.
+    partial = output_dir / ".checkpoint-4.partial"
+    shutil.copytree(output_dir / "checkpoint-2", partial)
+    (partial / "optimizer.bin").write_bytes(b"cut short")
+    result = launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=3", "--checkpointing_steps=2",
+                    "--resume_from_checkpoint=latest")
+    assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
+    assert logged_scalars(str(output_dir), "loss")[-1].keys() == {3}
+
+
+def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2")
+    before = {path: open(path, "rb").read() for path in glob.glob(f"{output_dir}/checkpoint-2/**/*", recursive=True) if os.path.isfile(path)}
+    optimizer_size = os.path.getsize(os.path.join(output_dir, "checkpoint-2", "optimizer.bin"))
+
+    def small_disk():
+        # Files may not grow past half the optimizer state: its next write fails like a full disk.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (optimizer_size // 2, optimizer_size // 2))
+
+    result = subprocess.run(
+        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
+                                           "--checkpointing_steps=2", "--resume_from_checkpoint=latest")],
+        cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=600,
+    )
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert message and f"could not write the checkpoint {output_dir}/checkpoint-4" in message[0]
+    assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+    after = {path: open(path, "rb").read() for path in before}
+    assert after == before
+
+
+def bad_data_shard(path):
+    """A shard with one sample of every kind of dirt, and good samples between them."""
+
+    def encoded(image, image_format="PNG"):
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format)
+        return buffer.getvalue()
+
+    good = encoded(Image.new("RGB", (96, 80), (200, 30, 30)), "JPEG")
+    dirt = [
+        {"jpg": good, "txt": "a caption far longer than seventy-seven tokens " * 6},
+        {"jpg": b"\xff\xd8 not an image", "txt": "undecodable"},
+        {"txt": "no image at all"},
+        {"jpg": good},
+        {"jpg": good, "txt": ""},
+        {"jpg": good, "txt": "caf\xe9".encode("latin-1")},
+        {"png": encoded(Image.new("LA", (70, 70), (90, 128))), "txt": "grey with alpha"},
+        {"png": encoded(Image.new("P", (70, 70), 3)), "txt": "palette"},
+        {"png": encoded(Image.fromarray(np.full((70, 70), 40000, dtype=np.uint16))), "txt": "16-bit"},
+        {"jpg": encoded(Image.new("CMYK", (70, 70), (10, 20, 30, 0)), "JPEG"), "txt": "cmyk"},
+        {"jpg": encoded(Image.new("RGB", (9, 7), "blue"), "JPEG"), "txt": "a very small image"},
+    ]
+    with wds.TarWriter(str(path)) as writer:
+        for index, sample in enumerate(dirt):
+            writer.write({"__key__": f"dirty{index:03d}", **sample})
+            writer.write({"__key__": f"good{index:03d}", "jpg": good, "txt": "a red square"})
+    return str(path)
+
+
+def test_dirty_data_is_counted_and_reported_not_fatal(tiny_teacher, tmp_path):
+    shard = bad_data_shard(tmp_path / "dirty.tar")
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(open(shard, "rb").read()[:5000])
+    output_dir = str(tmp_path / "run")
+    result = launch(tiny_teacher, f"{shard}::{truncated}", output_dir, "--max_train_steps=4", "--checkpointing_steps=2",
+                    "--shuffle_buffer_size=4", "--train_batch_size=8")
+    report = [line for line in result.stderr.splitlines() if "Data in all:" in line]
+    assert report, result.stderr[-3000:]
+    for reason in ("undecodable_image", "no_image", "no_caption", "empty_caption", "caption_not_utf8",
+                   "image_mode_converted", "image_upscaled", "caption_truncated"):
+        assert reason in report[0], reason
+    skipped = logged_scalars(output_dir, "data/skipped")[0]
+    assert skipped[4] >= 4 and logged_scalars(output_dir, "data/repaired")[0][4] >= 4
+    state = json.load(open(os.path.join(output_dir, "checkpoint-4", "training_state.json")))
+    assert sum(state["data_stats"].values()) > 0
+
+
+def test_a_stream_with_nothing_usable_stops_with_one_line(tiny_teacher, tmp_path):
+    shard = tmp_path / "captions-only.tar"
+    with wds.TarWriter(str(shard)) as writer:
+        for index in range(5):
+            writer.write({"__key__": f"k{index}", "txt": "a caption without an image"})
+    result = run_script(*training_command(tiny_teacher, str(shard), str(tmp_path / "run"), "--max_train_steps=2"), timeout=300)
+    assert result.returncode != 0
+    assert "error: no captioned image in 8 shards in a row" in result.stderr
+
+
+def hidden_packages_env(tmp_path, *packages):
+    """An environment in which ``import package`` fails as if it were not installed."""
+    shim = tmp_path / "hide"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text("".join(f"sys.modules[{name!r}] = None\n" for name in packages).join(["import sys\n", ""]))
+    return dict(os.environ, PYTHONPATH=str(shim))
+
+
+def v_prediction_teacher(teacher, tmp_path):
+    copy = str(tmp_path / "v-teacher")
+    shutil.copytree(teacher, copy)
+    config_path = os.path.join(copy, "scheduler", "scheduler_config.json")
+    config = json.load(open(config_path))
+    config["prediction_type"] = "v_prediction"
+    json.dump(config, open(config_path, "w"))
+    return copy
+
+
+CASES = {
+    "missing teacher": (["--pretrained_teacher_model={tmp}/no-such-teacher"], "cannot load the teacher"),
+    "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"], "cannot load the teacher"),
+    "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
+    "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
+    "ddim grid": (["--num_ddim_timesteps=30"], "--num_ddim_timesteps 30 does not divide"),
+    "8-bit adam without bitsandbytes": (["--use_8bit_adam", "HIDE=bitsandbytes"], "--use_8bit_adam needs bitsandbytes"),
+    "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
+    "xformers missing": (["--enable_xformers_memory_efficient_attention"], "needs xformers"),
+    "resume path missing": (["--resume_from_checkpoint={tmp}/checkpoint-9"], "no such folder"),
+    "resolution": (["--resolution=60"], "--resolution must be a multiple of 8"),
+    "checkpoint limit": (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1"),
+    "ema decay": (["--ema_decay=1.0"], "--ema_decay must lie in [0, 1)"),
+    "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_arguments_fail_fast_with_one_line(case, tiny_teacher, tiny_shards, tmp_path):
+    flags, expected = CASES[case]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    arguments = {"--pretrained_teacher_model": tiny_teacher, "--train_shards_path_or_url": tiny_shards,
+                 "--output_dir": str(tmp_path / "out"), "--max_train_steps": "2"}
+    for flag in flags:
+        if flag.startswith("HIDE="):
+            env = dict(hidden_packages_env(tmp_path, flag[5:]), HF_HUB_OFFLINE="1")
+            continue
+        if "{v_teacher}" in flag:
+            flag = flag.format(v_teacher=v_prediction_teacher(tiny_teacher, tmp_path))
+        name, _, value = flag.format(tmp=tmp_path).partition("=")
+        arguments[name] = value if value else None
+    argv = [f"{name}={value}" if value is not None else name for name, value in arguments.items()]
+    started = time.time()
+    result = run_script("train_splam_distill_sd_wds.py", *argv, env=env, timeout=300)
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "error:" in last_line and expected in last_line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "Loading weights" not in result.stderr, "failed only after loading weights"
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-2")
+    assert time.time() - started < 120
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_teacher, tiny_shards, tmp_path):
+    """A teacher whose VAE encodes to NaN: every update is skipped, the run stops after
+    --max_nonfinite_steps in a row, and no checkpoint holds a non-finite weight."""
+    teacher = str(tmp_path / "nan-teacher")
+    shutil.copytree(tiny_teacher, teacher)
+    weights_path = os.path.join(teacher, "vae", "diffusion_pytorch_model.safetensors")
+    weights = load_file(weights_path)
+    weights["quant_conv.bias"] = torch.full_like(weights["quant_conv.bias"], float("nan"))
+    save_file(weights, weights_path)
+    output_dir = str(tmp_path / "run")
+    result = run_script(*training_command(teacher, tiny_shards, output_dir, "--max_train_steps=8", "--checkpointing_steps=2",
+                                          "--max_nonfinite_steps=3"), timeout=300)
+    assert result.returncode != 0
+    assert "error: 3 steps in a row had a non-finite loss or gradient" in result.stderr
+    assert result.stderr.count("non-finite loss or gradient, update skipped") == 3
+    # Nothing was learnt, nothing non-finite was saved: the checkpoint's student is the teacher's UNet.
+    teacher_weights = load_file(os.path.join(tiny_teacher, "unet", "diffusion_pytorch_model.safetensors"))
+    for folder in ("unet", "unet_target"):
+        saved = safetensors_of(os.path.join(output_dir, "checkpoint-2", folder))
+        assert all(torch.isfinite(tensor).all() for tensor in saved.values())
+        assert all(torch.equal(saved[name], teacher_weights[name]) for name in teacher_weights)
+    assert not os.path.exists(os.path.join(output_dir, "model_index.json"))
+
+
+def test_a_checkpoint_refuses_non_finite_weights():
+    from diffusers import UNet2DConditionModel
+
+    from splam.checkpoints import CheckpointError, check_finite
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
+    check_finite(unet, "the student")
+    with torch.no_grad():
+        unet.conv_out.bias[0] = float("inf")
+    with pytest.raises(CheckpointError, match="conv_out.bias holds NaN or inf"):
+        check_finite(unet, "the student")
