@@ -25,7 +25,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
@@ -46,9 +46,10 @@ from splam import (
 from splam.args import SetupError, parse_args, public_config, redact_secrets
 from splam.checkpoints import (
     CheckpointError,
+    agree_on_resume_checkpoint,
+    ema_checksums,
     read_training_state,
     register_unet_hooks,
-    resolve_resume_checkpoint,
     save_checkpoint,
 )
 from splam.data import (
@@ -152,9 +153,12 @@ def main(args):
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
     check_optional_dependencies(args)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise SetupError("FSDP is not supported yet: the EMA target and the checkpoints read the student's whole "
+                         "parameters, which FSDP shards; use DDP or DeepSpeed ZeRO-2 (configs/)")
     shard_urls = expand_shard_urls(args.train_shards_path_or_url)
     check_local_shards(shard_urls)
-    resume_path = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    resume_path = agree_on_resume_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     resume_state = read_training_state(resume_path) if resume_path else None
     if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
         raise SetupError(
@@ -213,10 +217,16 @@ def main(args):
             shuffle_buffer=args.shuffle_buffer_size,
             seed=0 if args.seed is None else args.seed,
             process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
         ),
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
+
+    readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+    if len(shard_urls) < readers:
+        logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each draws from all "
+                       "shards, so some samples may be read by more than one")
 
     # accelerate steps a prepared lr scheduler once per process per optimizer step.
     lr_scheduler = get_scheduler(
@@ -334,8 +344,9 @@ def main(args):
             step_is_finite = True
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                # DeepSpeed clips inside its engine and returns no norm.
                 step_is_finite = bool(torch.isfinite(loss)) and (
-                    accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+                    accelerator.scaler is not None or grad_norm is None or bool(torch.isfinite(grad_norm))
                 )
                 if step_is_finite:
                     optimizer.step()
@@ -372,6 +383,11 @@ def main(args):
             }
             path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit)
             logger.info(f"Saved {path}")
+            if accelerator.num_processes > 1:
+                checksums = accelerator.gather(ema_checksums(target_unet)[None])
+                if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+                    raise CheckpointError(f"the EMA target differs between processes at step {global_step}")
+                logger.info(f"EMA target identical on all {accelerator.num_processes} processes")
             if data_stats.total():
                 logger.info(f"Data so far: {data_stats.report()}")
         if global_step % args.validation_steps == 0 and accelerator.is_main_process:

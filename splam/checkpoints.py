@@ -14,6 +14,7 @@ import re
 import shutil
 
 import torch
+from accelerate.utils import broadcast_object_list
 from diffusers import UNet2DConditionModel
 
 from .args import SetupError
@@ -40,7 +41,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     """The checkpoint folder to resume from, or ``None`` to start fresh.
 
     ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
-    any other value must be an existing checkpoint folder.
+    any other value must be an existing checkpoint folder. With several processes, call it on
+    the main one and broadcast the answer, so that all resume from the same checkpoint.
     """
     if resume_from_checkpoint is None:
         return None
@@ -54,6 +56,21 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     return resume_from_checkpoint
 
 
+def agree_on_resume_checkpoint(accelerator, output_dir: str, resume_from_checkpoint):
+    """``resolve_resume_checkpoint`` on the main process, its answer (or its error) on all."""
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [(resolve_resume_checkpoint(output_dir, resume_from_checkpoint), None)]
+        except SetupError as error:
+            answer = [(None, str(error))]
+    broadcast_object_list(answer)
+    path, error = answer[0]
+    if error is not None:
+        raise SetupError(error)
+    return path
+
+
 def read_training_state(checkpoint_path: str) -> dict:
     with open(os.path.join(checkpoint_path, TRAINING_STATE), encoding="utf-8") as handle:
         return json.load(handle)
@@ -63,6 +80,12 @@ def check_finite(module, name: str) -> None:
     for parameter_name, parameter in module.named_parameters():
         if not torch.isfinite(parameter).all():
             raise CheckpointError(f"refusing to save {name}: {parameter_name} holds NaN or inf")
+
+
+def ema_checksums(target_unet) -> torch.Tensor:
+    """A float64 sum per parameter tensor of the target: equal on all processes iff they agree
+    (up to a collision no real divergence produces)."""
+    return torch.stack([parameter.detach().double().sum() for parameter in target_unet.parameters()])
 
 
 def register_unet_hooks(accelerator, target_unet) -> None:
@@ -76,7 +99,8 @@ def register_unet_hooks(accelerator, target_unet) -> None:
             check_finite(target_unet, "the EMA target")
             student.save_pretrained(os.path.join(output_dir, "unet"))
             target_unet.save_pretrained(os.path.join(output_dir, "unet_target"))
-        weights.pop()
+        if weights:  # DeepSpeed saves its engine itself and passes no weights
+            weights.pop()
 
     def load_unets(models, input_dir):
         student = accelerator.unwrap_model(models.pop())

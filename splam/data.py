@@ -227,12 +227,13 @@ class ShardStream(torch.utils.data.IterableDataset):
     """One segment of the training stream: ``batches_per_segment`` batches per process of
     ``(pixels [B, 3, R, R], input_ids [B, 77], DataStats since the previous batch)``.
 
-    Shards are drawn with replacement; set ``segment`` before each pass. Loader workers
-    split the segment's batches between them and draw from their own RNGs.
+    Shards are drawn with replacement; set ``segment`` before each pass. Every loader worker
+    of every process draws from its own RNG and, when there are at least as many shards as
+    workers in all, from its own disjoint share of the shards, so no two read the same sample.
     """
 
     def __init__(self, urls, transform, tokenizer, *, batch_size, batches_per_segment, shuffle_buffer, seed,
-                 process_index=0):
+                 process_index=0, num_processes=1):
         self.urls = list(urls)
         self.transform = transform
         self.tokenizer = tokenizer
@@ -241,33 +242,36 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.process_index = process_index
+        self.num_processes = num_processes
         self.segment = 0
-        # A run of this many shards in a row without one captioned image means the data is unusable.
-        self.max_unusable_shards = min(max(8, 2 * len(self.urls)), 64)
 
-    def worker_share(self):
-        """``(worker id, number of batches this worker yields)`` for the current loader worker."""
+    def worker_shards(self):
+        """``(worker id, number of batches, shard URLs)`` of the current loader worker."""
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         base, extra = divmod(self.batches_per_segment, num_workers)
-        return worker, base + (worker < extra)
+        readers = self.num_processes * num_workers
+        urls = self.urls[self.process_index * num_workers + worker::readers] if len(self.urls) >= readers else self.urls
+        return worker, base + (worker < extra), urls
 
     def __iter__(self):
-        worker, num_batches = self.worker_share()
+        worker, num_batches, urls = self.worker_shards()
         rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
+        # A run of this many shards in a row without one captioned image means the data is unusable.
+        max_unusable_shards = min(max(8, 2 * len(urls)), 64)
         stats = DataStats()
         unusable_shards = 0
 
         def drawn_shards():
             nonlocal unusable_shards
             while True:
-                if unusable_shards >= self.max_unusable_shards:
+                if unusable_shards >= max_unusable_shards:
                     raise DataError(
-                        f"no captioned image in {unusable_shards} shards in a row of {len(self.urls)} "
+                        f"no captioned image in {unusable_shards} shards in a row of {len(urls)} "
                         f"(skipped so far: {stats.summary() or 'nothing'}); check --train_shards_path_or_url"
                     )
                 unusable_shards += 1
-                yield rng.choice(self.urls)
+                yield rng.choice(urls)
 
         def reset_unusable():
             nonlocal unusable_shards

@@ -3,6 +3,7 @@
 import copy
 import inspect
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -73,9 +74,14 @@ def freeze(model):
 def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """The online student: the teacher's architecture with a time-conditioning input of width
     ``--unet_time_cond_proj_dim`` (for E(gamma)) when the teacher has none, initialised from
-    the teacher's weights (``--revision``); the new projection starts from its default init."""
+    the teacher's weights (``--revision``); the new projection starts from its default init.
+
+    The initialisation is seeded apart from the training RNG (which differs per process), so
+    every process builds the same student and the EMA target starts identical everywhere."""
     time_cond_proj_dim = teacher_unet.config.time_cond_proj_dim or args.unet_time_cond_proj_dim
-    student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0 if args.seed is None else args.seed)
+        student = UNet2DConditionModel.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
     if args.revision is None:
         weights = teacher_unet.state_dict()
     else:
