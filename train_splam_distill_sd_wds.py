@@ -63,7 +63,7 @@ from splam.data import (
     train_batches,
 )
 from splam.export import export_pipeline
-from splam.hub import push_pipeline
+from splam.hub import HubPublisher
 from splam.models import (
     build_student,
     build_target,
@@ -167,6 +167,13 @@ def main(args):
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     teacher_scheduler = load_teacher_scheduler(args)
+    publisher = None
+    if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        try:
+            publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
+        except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
+            raise SetupError(f"cannot create the Hub repository {repo_id!r}: {' '.join(str(error).split())}") from error
 
     # Frozen nets in the half-precision dtype where mixed precision runs under autocast; the
     # student keeps float32 master weights and the target stays float32 (SPEC section 1).
@@ -383,6 +390,8 @@ def main(args):
             }
             path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit)
             logger.info(f"Saved {path}")
+            if publisher is not None and args.push_checkpoints:
+                publisher.push_checkpoint(path, global_step)
             if accelerator.num_processes > 1:
                 checksums = accelerator.gather(ema_checksums(target_unet)[None])
                 if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
@@ -411,9 +420,10 @@ def main(args):
             teacher_scheduler.config, global_step, global_step * global_batch_size,
         )
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")
+        if publisher is not None:
+            publisher.wait_for_checkpoints()
         if args.push_to_hub:
-            repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-            logger.info(f"Uploaded to {push_pipeline(args.output_dir, repo_id, token=args.hub_token)}")
+            logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
     accelerator.end_training()
 
 

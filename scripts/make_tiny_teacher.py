@@ -118,6 +118,9 @@ def make_teacher(output_dir: str, preset: str = "tiny", seed: int = 0) -> None:
             requires_safety_checker=False,
         )
         pipeline.save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as card:
+        card.write(f"---\nlicense: mit\nlibrary_name: diffusers\ntags:\n- stable-diffusion\n---\n\n"
+                   f"A Stable Diffusion pipeline ({preset} architecture) with random weights, for tests and benchmarks.\n")
 
 
 def main():

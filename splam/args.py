@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hub.")
     hub.add_argument("--hub_token", type=str, default=None, help="Hub token (else HF_TOKEN or the cached login).")
     hub.add_argument("--hub_model_id", type=str, default=None, help="Hub repository (default: the output folder's name).")
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    hub.add_argument("--push_checkpoints", action="store_true",
+                     help="Also upload each checkpoint's UNets to checkpoints/step-<N> in the background.")
     return parser
 
 

@@ -1,20 +1,69 @@
-"""Uploading the distilled pipeline to the Hugging Face Hub."""
+"""Publishing to the Hugging Face Hub: the repository, the final pipeline, and checkpoint UNets
+uploaded in the background while training goes on.
 
-from huggingface_hub import create_repo, upload_folder
+The token comes from ``--hub_token``, else ``HF_TOKEN`` or the cached login, and the Hub's
+address from ``HF_ENDPOINT``, as in every huggingface_hub program. Uploads list what they
+send (allow-lists), so optimizer states, tracker logs and anything else in ``output_dir``
+never leave the machine.
+"""
 
-# Training state and tracker logs stay local: they are large, and only the pipeline is the model.
-UPLOAD_IGNORE_PATTERNS = ["checkpoint-*", ".checkpoint-*", "logs", "logs/*", "*.partial"]
+import logging
+import os
+
+from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FILES = [
+    "model_index.json", "README.md", "samples.png",
+    "unet/*", "scheduler/*", "vae/*", "text_encoder/*", "tokenizer/*",
+]
+CHECKPOINT_FILES = ["unet/*", "unet_target/*"]
 
 
-def push_pipeline(output_dir: str, repo_id: str, token=None, private: bool = False) -> str:
-    """Create ``repo_id`` if needed and upload ``output_dir`` (the pipeline and its card) to it;
-    returns the commit URL. The token falls back to ``HF_TOKEN`` or the cached login."""
-    repo_id = create_repo(repo_id, exist_ok=True, token=token, private=private).repo_id
-    commit = upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="SPLAM distillation",
-        ignore_patterns=UPLOAD_IGNORE_PATTERNS,
-        token=token,
-    )
-    return commit.commit_url
+class HubPublisher:
+    """Creates ``repo_id`` (if needed) at once, so that a wrong token or name fails before training."""
+
+    def __init__(self, repo_id: str, token=None, private: bool = False):
+        self.api = HfApi(token=token)
+        self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        self.uploads = {}  # step -> (checkpoint folder, Future of its upload)
+
+    def push_checkpoint(self, checkpoint_path: str, step: int) -> None:
+        """Upload the checkpoint's UNets to ``checkpoints/step-<step>`` without waiting. Uploads
+        of earlier checkpoints that failed are logged and started again now."""
+        for failed_step, (failed_path, future) in list(self.uploads.items()):
+            if future.done() and future.exception() is not None:
+                logger.warning(f"Upload of checkpoint step {failed_step} failed ({future.exception()}); retrying")
+                if os.path.isdir(failed_path):
+                    self.uploads[failed_step] = (failed_path, self.start_checkpoint_upload(failed_path, failed_step))
+                else:
+                    logger.warning(f"{failed_path} was rotated away: step {failed_step} will not be on the Hub")
+                    del self.uploads[failed_step]
+        self.uploads[step] = (checkpoint_path, self.start_checkpoint_upload(checkpoint_path, step))
+
+    def start_checkpoint_upload(self, checkpoint_path: str, step: int):
+        return self.api.upload_folder(
+            repo_id=self.repo_id,
+            folder_path=checkpoint_path,
+            path_in_repo=f"checkpoints/step-{step}",
+            allow_patterns=CHECKPOINT_FILES,
+            commit_message=f"Checkpoint at step {step}",
+            run_as_future=True,
+        )
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until the background uploads are done; log the ones that failed."""
+        for step, (_, future) in sorted(self.uploads.items()):
+            if future.exception() is not None:
+                logger.warning(f"Upload of checkpoint step {step} failed: {future.exception()}")
+
+    def push_pipeline(self, output_dir: str) -> str:
+        """Upload the distilled pipeline, its model card and its sample grid; returns the commit URL."""
+        commit = self.api.upload_folder(
+            repo_id=self.repo_id,
+            folder_path=output_dir,
+            allow_patterns=PIPELINE_FILES,
+            commit_message="SPLAM-distilled pipeline",
+        )
+        return commit.commit_url

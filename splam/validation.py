@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 from diffusers import LatentConsistencyModelPipeline
+from PIL import Image
 
 VALIDATION_STEPS = (1, 2, 4)
 
@@ -50,6 +51,17 @@ def sample_validation_images(pipeline, prompts, resolution: int, seed: int) -> d
     return images
 
 
+def image_grid(images: dict) -> Image.Image:
+    """One row per number of steps, one column per prompt."""
+    rows = list(images.values())
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)))
+    for row, row_images in enumerate(rows):
+        for column, image in enumerate(row_images):
+            grid.paste(image, (column * width, row * height))
+    return grid
+
+
 def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, scheduler, args, step: int) -> None:
     """Sample ``args.validation_prompts`` with each of ``models`` (name -> UNet), save the
     images under ``output_dir/validation/step-<step>/`` and send them to every tracker."""
@@ -58,7 +70,8 @@ def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, sche
     os.makedirs(step_dir, exist_ok=True)
     for name, unet in models.items():
         pipeline = few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
-        with accelerator.autocast():
+        # Sampling draws from its own generator; forking keeps the training RNG as it was anyway.
+        with accelerator.autocast(), torch.random.fork_rng(devices=[]):
             images = sample_validation_images(pipeline, args.validation_prompts, args.resolution, seed)
         for num_steps, step_images in images.items():
             for index, image in enumerate(step_images):

@@ -1,0 +1,134 @@
+"""Publishing through the real huggingface_hub client, against a Hub-compatible server on loopback."""
+
+import os
+import sys
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard, constants
+
+from splam.hub import HubPublisher
+
+from conftest import REPO_ROOT, launch, run_script
+from hub_server import USER, FakeHub
+
+FLAG_TOKEN = "hf_FlagTokenForTheFakeHub"
+ENV_TOKEN = "hf_EnvironmentTokenForTheFakeHub"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    with FakeHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pushed_run(tiny_teacher, tiny_shards, tmp_path_factory):
+    """A short run with --push_to_hub and --push_checkpoints against the test server."""
+    output_dir = str(tmp_path_factory.mktemp("push") / "splam-tiny")
+    with FakeHub() as server:
+        env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=ENV_TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
+        result = launch(
+            tiny_teacher, tiny_shards, output_dir,
+            "--max_train_steps=4", "--checkpointing_steps=2", "--push_to_hub", "--push_checkpoints",
+            "--hub_private_repo", f"--hub_token={FLAG_TOKEN}", "--validation_prompts", "a cat", "a rocket",
+            env=env,
+        )
+        yield server, output_dir, result
+
+
+def test_the_pipeline_and_the_checkpoints_arrive_and_nothing_else(pushed_run):
+    server, _, result = pushed_run
+    repo_id = f"{USER}/splam-tiny"
+    assert list(server.repos) == [repo_id] and server.repos[repo_id]["private"]
+    files = server.repos[repo_id]["files"]
+    for name in ("model_index.json", "README.md", "samples.png", "scheduler/scheduler_config.json",
+                 "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json"):
+        assert name in files, name
+    for step in (2, 4):
+        assert f"checkpoints/step-{step}/unet/diffusion_pytorch_model.safetensors" in files
+        assert f"checkpoints/step-{step}/unet_target/diffusion_pytorch_model.safetensors" in files
+    assert not [name for name in files if name.startswith(("unet_online", "logs", "validation", "checkpoint-"))]
+    assert not [name for name in files if name.endswith((".bin", ".pkl", "training_state.json"))]
+    assert sorted(server.repos[repo_id]["commits"]) == ["Checkpoint at step 2", "Checkpoint at step 4", "SPLAM-distilled pipeline"]
+    uploads = [auth for method, path, auth in server.requests if method == "POST"]
+    assert uploads and set(uploads) == {f"Bearer {FLAG_TOKEN}"}
+    for content in files.values():
+        assert FLAG_TOKEN.encode() not in content and ENV_TOKEN.encode() not in content
+    assert "Uploaded the pipeline" in result.stderr
+    assert server.validated_metadata and server.validated_metadata[-1]["library_name"] == "diffusers"
+
+
+def test_the_pushed_model_loads_and_samples_elsewhere(pushed_run, tmp_path):
+    server, _, _ = pushed_run
+    code = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline, LCMScheduler\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1])\n"
+        "assert isinstance(pipe.scheduler, LCMScheduler), type(pipe.scheduler)\n"
+        "image = pipe('a rocket', num_inference_steps=2, guidance_scale=1.0, output_type='pt').images\n"
+        "assert torch.isfinite(image).all() and image.std() > 0\n"
+        "print('sampled', tuple(image.shape))\n"
+    )
+    env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_HOME=str(tmp_path / "hf-home"), HF_TOKEN=ENV_TOKEN)
+    result = run_script("-c", code, f"{USER}/splam-tiny", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sampled (1, 3, 64, 64)" in result.stdout
+
+
+def test_the_model_card(pushed_run):
+    _, output_dir, _ = pushed_run
+    text = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
+    metadata = yaml.safe_load(text.split("---")[1])
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
+    assert {"splam", "lcm", "distillation"} <= set(metadata["tags"])
+    assert metadata["license"] == "mit" and metadata["base_model"].endswith("tiny-sd")
+    assert ModelCard.load(os.path.join(output_dir, "README.md")).data.license == "mit"
+    assert "4 optimizer steps (8 samples seen)" in text
+    assert "![Samples at 1, 2 and 4 steps](samples.png)" in text and os.path.exists(os.path.join(output_dir, "samples.png"))
+    assert "guidance_scale=1.0" in text and "LCMScheduler" in text and "arXiv 2404.13903" in text
+    assert "| `w_scale` | `8.0` |" in text and "hub_token" not in text and FLAG_TOKEN not in text
+    from PIL import Image
+
+    grid = Image.open(os.path.join(output_dir, "samples.png"))
+    assert grid.size == (2 * 64, 3 * 64)
+
+
+def test_token_from_the_environment(hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    publisher = HubPublisher("from-env")
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / "secret.txt").write_text("not for upload")
+    publisher.push_pipeline(str(folder))
+    assert publisher.repo_id == f"{USER}/from-env"
+    assert set(hub.repos[publisher.repo_id]["files"]) == {"model_index.json"}
+    assert {auth for method, _, auth in hub.requests if method == "POST"} == {f"Bearer {ENV_TOKEN}"}
+
+
+def test_a_failed_checkpoint_upload_is_retried_at_the_next_checkpoint(hub, tmp_path, caplog):
+    publisher = HubPublisher("retries", token=FLAG_TOKEN)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / "unet").mkdir(parents=True)
+        (tmp_path / f"checkpoint-{step}" / "unet" / "config.json").write_text(f'{{"step": {step}}}')
+        (tmp_path / f"checkpoint-{step}" / "optimizer.bin").write_bytes(b"state")
+    hub.fail_commits = 1
+    publisher.push_checkpoint(str(tmp_path / "checkpoint-2"), 2)
+    publisher.uploads[2][1].exception()  # let the failing upload finish
+    publisher.push_checkpoint(str(tmp_path / "checkpoint-4"), 4)
+    publisher.wait_for_checkpoints()
+    files = hub.repos[publisher.repo_id]["files"]
+    assert set(files) == {"checkpoints/step-2/unet/config.json", "checkpoints/step-4/unet/config.json"}
+    assert "Upload of checkpoint step 2 failed" in caplog.text and "retrying" in caplog.text
+
+
+def test_an_unreachable_hub_stops_the_run_before_training(tiny_teacher, tiny_shards, tmp_path):
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2")
+    result = run_script("train_splam_distill_sd_wds.py", f"--pretrained_teacher_model={tiny_teacher}",
+                        f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={tmp_path}/out",
+                        "--max_train_steps=2", "--push_to_hub", env=env, timeout=300)
+    assert result.returncode != 0
+    assert "error: cannot create the Hub repository 'out'" in result.stderr.strip().splitlines()[-1]
