@@ -1,42 +1,87 @@
 #!/usr/bin/env python
-"""Sample a distilled SPLAM pipeline in 1 to 4 steps.
+"""Sample a distilled SPLAM pipeline (or a folded one) in 1 to 4 steps into a PNG grid.
 
-``python scripts/sample.py --model DIR --prompt "..." --steps 2 --out image.png`` loads the
-folder (or Hub id) with ``DiffusionPipeline`` and samples with its ``LCMScheduler`` at
-``guidance_scale=1``, the setting a SPLAM model was trained for.
+    python scripts/sample.py --model DIR --prompt "a cat" --prompt "a rocket" --steps 2 --out grid.png
+    python scripts/sample.py --model DIR --prompt_file prompts.txt --num_images 4 --seed 7 --dtype fp16
+
+The pipeline is loaded with ``DiffusionPipeline`` and sampled with its ``LCMScheduler`` at
+``guidance_scale=1``, the setting SPLAM trains for. One row per prompt, ``--num_images``
+columns; the device is CUDA, then Apple's MPS, then the CPU, unless ``--device`` says.
 """
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.validation import image_grid  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as handle:
+            prompts += [line.strip() for line in handle if line.strip()]
+    if not prompts:
+        raise SystemExit("give --prompt (several times if you like) or --prompt_file")
+    return prompts
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A distilled pipeline folder or Hub id.")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", action="append", help="A prompt; repeat for several.")
+    parser.add_argument("--prompt_file", help="A text file, one prompt per line.")
     parser.add_argument("--steps", type=int, default=2, choices=[1, 2, 3, 4], help="Sampling steps.")
+    parser.add_argument("--num_images", type=int, default=1, help="Images per prompt.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="sample.png", help="Where to write the PNG.")
+    parser.add_argument("--height", type=int, default=None, help="Default: the UNet's native size.")
+    parser.add_argument("--width", type=int, default=None, help="Default: the UNet's native size.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--device", default=None, help="Default: cuda, mps or cpu, whichever is there.")
+    parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
     args = parser.parse_args()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    prompts = read_prompts(args)
+    device = args.device or default_device()
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     pipeline = DiffusionPipeline.from_pretrained(args.model).to(device, dtype)
     if not isinstance(pipeline.scheduler, LCMScheduler):
         raise SystemExit(f"{args.model} has a {type(pipeline.scheduler).__name__}, not the LCMScheduler of a distilled model")
+    pipeline.set_progress_bar_config(disable=True)
+
     started = time.perf_counter()
-    image = pipeline(
-        prompt=args.prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=1.0,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-    ).images[0]
+    rows = [
+        pipeline(
+            prompt=prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=1.0,
+            num_images_per_prompt=args.num_images,
+            height=args.height,
+            width=args.width,
+            generator=torch.Generator(device="cpu").manual_seed(args.seed + index),
+        ).images
+        for index, prompt in enumerate(prompts)
+    ]
     seconds = time.perf_counter() - started
-    image.save(args.out)
-    print(f"Wrote {args.out} ({image.width}x{image.height}, {args.steps} steps, {seconds:.2f} s on {device})")
+    image_grid(rows).save(args.out)
+    count = len(prompts) * args.num_images
+    print(f"Wrote {args.out}: {count} images ({len(prompts)} prompts x {args.num_images}), {args.steps} steps, "
+          f"{seconds:.2f} s in all, {seconds / count:.3f} s per image on {device} ({str(dtype).replace('torch.', '')})")
 
 
 if __name__ == "__main__":

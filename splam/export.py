@@ -27,7 +27,7 @@ def export_pipeline(args, tokenizer, text_encoder, vae, target_unet, online_unet
     online_unet.save_pretrained(os.path.join(args.output_dir, "unet_online"))
     seed = 0 if args.seed is None else args.seed
     images = sample_validation_images(pipeline.to(target_unet.device), args.validation_prompts, args.resolution, seed)
-    image_grid(images).save(os.path.join(args.output_dir, GRID_FILE))
+    image_grid(list(images.values())).save(os.path.join(args.output_dir, GRID_FILE))
     card = model_card(args, global_step, samples_seen, GRID_FILE, teacher_license(args))
     with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)

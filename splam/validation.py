@@ -51,14 +51,13 @@ def sample_validation_images(pipeline, prompts, resolution: int, seed: int) -> d
     return images
 
 
-def image_grid(images: dict) -> Image.Image:
-    """One row per number of steps, one column per prompt."""
-    rows = list(images.values())
+def image_grid(rows) -> Image.Image:
+    """Paste rows of equally sized images into one image, row after row."""
     width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)))
-    for row, row_images in enumerate(rows):
-        for column, image in enumerate(row_images):
-            grid.paste(image, (column * width, row * height))
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)))
+    for row_index, row in enumerate(rows):
+        for column, image in enumerate(row):
+            grid.paste(image, (column * width, row_index * height))
     return grid
 
 

@@ -1,0 +1,76 @@
+"""Folding gamma into a plain SD UNet, extracting a LoRA, and the sampling CLI, on a trained tiny student."""
+
+import re
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+
+from conftest import launch, run_script
+
+PROMPT = "a rocket on a launch pad"
+
+
+@pytest.fixture(scope="module")
+def trained_student(tiny_teacher, tiny_shards, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("student") / "splam")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", "--checkpointing_steps=4",
+           "--learning_rate=1e-3", "--lr_warmup_steps=0")
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def folded_student(trained_student, tmp_path_factory):
+    folded = str(tmp_path_factory.mktemp("folded") / "plain")
+    result = run_script("scripts/fold_gamma.py", "--model", trained_student, "--out", folded)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folded
+
+
+def two_step_latents(pipeline, prompt=PROMPT):
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(prompt, num_inference_steps=2, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+
+def test_the_folded_unet_is_plain_sd_and_samples_like_the_student(trained_student, folded_student):
+    folded = DiffusionPipeline.from_pretrained(folded_student)
+    assert type(folded).__name__ == "StableDiffusionPipeline" and isinstance(folded.scheduler, LCMScheduler)
+    assert folded.unet.config.time_cond_proj_dim is None
+    teacher_keys = set(UNet2DConditionModel.from_pretrained(trained_student, subfolder="unet").state_dict())
+    assert set(folded.unet.state_dict()) == {key for key in teacher_keys if "cond_proj" not in key}
+    reference = two_step_latents(DiffusionPipeline.from_pretrained(trained_student))
+    latents = two_step_latents(folded)
+    torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_the_lora_converges_to_the_student_as_the_rank_grows(tiny_teacher, folded_student, tmp_path):
+    errors = {}
+    for rank in (1, 4, 16, 4096):
+        result = run_script("scripts/extract_lora.py", "--teacher", tiny_teacher, "--student", folded_student,
+                            "--rank", str(rank), "--out", str(tmp_path / f"lora-{rank}"), "--report_error")
+        assert result.returncode == 0, result.stderr[-3000:]
+        errors[rank] = float(re.search(r"against the student: (\S+)", result.stdout).group(1))
+    reference = two_step_latents(StableDiffusionPipeline.from_pretrained(folded_student), "a photograph of an astronaut riding a horse")
+    teacher = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    teacher.scheduler = LCMScheduler.from_config(teacher.scheduler.config)
+    without_lora = ((two_step_latents(teacher, "a photograph of an astronaut riding a horse") - reference).abs().mean()
+                    / reference.abs().mean()).item()
+    assert without_lora > errors[1] > errors[4] > errors[16] > errors[4096]
+    # Full rank: only the normalisation layers' changes, which a LoRA cannot carry, are missing.
+    assert errors[4096] < 1e-3, errors
+
+
+def test_the_sampling_cli_writes_a_grid(trained_student, tmp_path):
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("a cat\n\na cup of coffee\n")
+    out = str(tmp_path / "grid.png")
+    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--prompt_file",
+                        str(prompt_file), "--num_images", "2", "--steps", "1", "--seed", "3", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).size == (2 * 64, 3 * 64)
+    assert "6 images (3 prompts x 2), 1 steps" in result.stdout and "s per image on cpu" in result.stdout
+    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--height", "32",
+                        "--width", "48", "--out", out)
+    assert result.returncode == 0 and Image.open(out).size == (48, 32)
