@@ -328,7 +328,7 @@ def main(args):
                 )
 
             # 5. The sub-path linear point x_g and its noise level sigma_g.
-            gamma = sample_gamma(batch_size, latents.device, ndim)
+            gamma = sample_gamma(batch_size, latents.device, ndim, args.gamma_sampling)
             x_gamma, sigma_gamma = sub_path_point(x_start, x_end, gamma, alpha_start, alpha_end, sigma_end)
 
             # 6. The student's endpoint y_S from x_g at ts, told gamma.

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--num_ddim_timesteps", type=int, default=50, help="Number of sub-paths (DDIM steps of the teacher).")
     method.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Distance between endpoints.")
     method.add_argument("--huber_c", type=float, default=0.001, help="The c of the pseudo-Huber loss.")
+    method.add_argument("--gamma_sampling", type=str, default="uniform", choices=["uniform", "one"],
+                        help="uniform: gamma ~ U[0, 1) (SPLAM); one: gamma = 1 (LCM's consistency distillation).")
     method.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network.")
 
     training = parser.add_argument_group("training")

@@ -101,6 +101,16 @@ def distillation_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type:
     raise ValueError(f"unknown loss_type {loss_type!r}: expected 'l2' or 'huber'")
 
 
-def sample_gamma(batch_size: int, device, ndim: int) -> torch.Tensor:
-    """``gamma ~ U[0, 1)`` per sample, shaped ``[B, 1, ..., 1]``."""
-    return append_dims(torch.rand(batch_size, device=device), ndim)
+def sample_gamma(batch_size: int, device, ndim: int, sampling: str = "uniform") -> torch.Tensor:
+    """Where on the sub-path each sample's student looks, shaped ``[B, 1, ..., 1]``.
+
+    ``uniform``: ``gamma ~ U[0, 1)``, SPLAM. ``one``: ``gamma = 1``, where ``x_g = x_s`` and
+    ``sigma_g = s(ts)``, so the objective is LCM's consistency distillation exactly.
+    """
+    if sampling == "uniform":
+        gamma = torch.rand(batch_size, device=device)
+    elif sampling == "one":
+        gamma = torch.ones(batch_size, device=device)
+    else:
+        raise ValueError(f"unknown gamma sampling {sampling!r}: expected 'uniform' or 'one'")
+    return append_dims(gamma, ndim)

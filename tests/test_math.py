@@ -14,6 +14,7 @@ from splam import (
     gamma_embedding,
     guided_teacher_prediction,
     predicted_origin,
+    sample_gamma,
     scalings_for_boundary_conditions,
     sub_path_point,
     update_ema,
@@ -207,3 +208,17 @@ def test_ema_update_matches_formula():
     update_ema(target, online, 0.95)
     for result, reference in zip(target, expected):
         torch.testing.assert_close(result, reference)
+
+
+def test_gamma_sampling_one_makes_the_student_input_lcms(rng):
+    """--gamma_sampling one: every sample's student sees x_s at s(ts), i.e. LCM's objective."""
+    gamma = sample_gamma(6, "cpu", 4, "one")
+    assert gamma.shape == (6, 1, 1, 1) and torch.equal(gamma, torch.ones_like(gamma))
+    uniform = sample_gamma(4000, "cpu", 1, "uniform")
+    assert 0.0 <= uniform.min() and uniform.max() < 1.0 and abs(uniform.mean().item() - 0.5) < 0.03
+    _, a_s, s_s, a_e, s_e = (torch.tensor(v, dtype=torch.float64) for v in float64_schedule_points(rng, 6))
+    x_s, x_e = torch.randn(6, 4, 2, 2, dtype=torch.float64), torch.randn(6, 4, 2, 2, dtype=torch.float64)
+    x_g, sigma_g = sub_path_point(x_s, x_e, gamma.double(), a_s, a_e, s_e)
+    assert torch.equal(x_g, x_s) and torch.allclose(sigma_g, s_s)
+    with pytest.raises(ValueError):
+        sample_gamma(2, "cpu", 4, "half")
