@@ -1,0 +1,250 @@
+#!/usr/bin/env python
+"""FID and CLIP score on COCO captions, the paper's protocol, for any diffusers pipeline.
+
+    accelerate launch scripts/evaluate_coco.py --model path/to/splam --captions captions_val2014.json \\
+        --reference_images val2014/ --num_images 30000 --steps 1 2 4 --out results.json
+
+Distilled models (an ``LCMScheduler`` pipeline) sample at ``guidance_scale=1``; ``--teacher_steps``
+instead evaluates a teacher with DDIM and ``--guidance_scale``, for the reference rows. One
+caption per image is chosen with a fixed seed; image ``i`` is sampled with seed ``seed + i``
+and written with its prompt and seed under ``--work_dir``, so an interrupted evaluation resumes
+where it stopped, and processes under ``accelerate launch`` split the images between them.
+Generated and reference images are resized (shorter side, bicubic) and centre-cropped to
+``--resolution`` before either metric sees them. FID: torchmetrics' ``FrechetInceptionDistance``
+(Inception-v3 pool features, weights from torch-fidelity on first use, or ``--fid_feature_extractor``);
+the reference statistics are saved to ``--work_dir`` and can be reused with ``--reference_stats``.
+CLIP score: torchmetrics' ``CLIPScore`` with ``--clip_model``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
+from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_prompts(path: str, num_images: int, seed: int) -> list:
+    """``num_images`` prompts: from a COCO captions file, one seeded choice of caption per image and a
+    seeded choice of images; from a text file, a seeded choice of its lines."""
+    rng = random.Random(seed)
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as handle:
+            annotations = json.load(handle)["annotations"]
+        by_image = {}
+        for annotation in annotations:
+            by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
+        prompts = [rng.choice(sorted(by_image[image_id])) for image_id in sorted(by_image)]
+    else:
+        with open(path, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle if line.strip()]
+    if num_images > len(prompts):
+        raise SystemExit(f"--num_images {num_images} is more than the {len(prompts)} captioned images in {path}")
+    chosen = sorted(rng.sample(range(len(prompts)), num_images))
+    return [prompts[index] for index in chosen]
+
+
+def resize_and_crop(image: Image.Image, resolution: int) -> np.ndarray:
+    """Shorter side to ``resolution`` (bicubic), centre crop; ``uint8 [3, R, R]``."""
+    image = image.convert("RGB")
+    scale = resolution / min(image.size)
+    image = image.resize((max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))),
+                         Image.Resampling.BICUBIC)
+    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution))).transpose(2, 0, 1).copy()
+
+
+def configurations(args) -> list:
+    """``(name, sampler, steps, guidance_scale)`` of every row to evaluate."""
+    if args.teacher_steps:
+        return [(f"ddim-{steps}-cfg{args.guidance_scale:g}", "ddim", steps, args.guidance_scale) for steps in args.teacher_steps]
+    return [(f"lcm-{steps}", "lcm", steps, 1.0) for steps in args.steps]
+
+
+def generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state) -> None:
+    """Write the images this process owns and has not written yet, with their prompt, seed and time."""
+    folder = os.path.join(args.work_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    mine = [index for index in range(state.process_index, len(prompts), state.num_processes)
+            if not os.path.exists(os.path.join(folder, f"{index:06d}.json"))]
+    pipeline.scheduler = (LCMScheduler if sampler == "lcm" else DDIMScheduler).from_config(pipeline.scheduler.config)
+    for start in range(0, len(mine), args.batch_size):
+        batch = mine[start:start + args.batch_size]
+        started = time.perf_counter()
+        images = pipeline(
+            prompt=[prompts[index] for index in batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=args.resolution,
+            width=args.resolution,
+            generator=[torch.Generator().manual_seed(args.seed + index) for index in batch],
+        ).images
+        seconds = (time.perf_counter() - started) / len(batch)
+        for index, image in zip(batch, images):
+            image.save(os.path.join(folder, f"{index:06d}.png"))
+            with open(os.path.join(folder, f"{index:06d}.json"), "w", encoding="utf-8") as handle:
+                json.dump({"prompt": prompts[index], "seed": args.seed + index, "seconds": seconds}, handle)
+    print(f"[process {state.process_index}] {name}: {len(mine)} new images")
+
+
+def read_generated(args, name, count):
+    folder = os.path.join(args.work_dir, name)
+    records = [json.load(open(os.path.join(folder, f"{index:06d}.json"), encoding="utf-8")) for index in range(count)]
+    images = [resize_and_crop(Image.open(os.path.join(folder, f"{index:06d}.png")), args.resolution) for index in range(count)]
+    return images, records
+
+
+def batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def make_fid(args):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    feature = torch.jit.load(args.fid_feature_extractor) if args.fid_feature_extractor else 2048
+    # Only the main process scores: no syncing of metric states between processes.
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, sync_on_compute=False)
+
+
+def load_reference(args, fid) -> None:
+    """Feed the reference images (or saved statistics) to ``fid`` and save their statistics."""
+    stats_path = os.path.join(args.work_dir, "reference_stats.pt")
+    if args.reference_stats:
+        stats = torch.load(args.reference_stats)
+        fid.real_features_sum, fid.real_features_cov_sum = stats["sum"], stats["cov_sum"]
+        fid.real_features_num_samples = stats["num_samples"]
+        return
+    paths = sorted(os.path.join(args.reference_images, name) for name in os.listdir(args.reference_images)
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    for chunk in batches(paths, 64):
+        fid.update(torch.from_numpy(np.stack([resize_and_crop(Image.open(path), args.resolution) for path in chunk])), real=True)
+    torch.save({"sum": fid.real_features_sum, "cov_sum": fid.real_features_cov_sum,
+                "num_samples": fid.real_features_num_samples, "images": len(paths)}, stats_path)
+
+
+def projected(features):
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+class ProjectedCLIP(torch.nn.Module):
+    """A ``CLIPModel`` whose ``get_image_features``/``get_text_features`` return the projected
+    embeddings as tensors, as torchmetrics' ``CLIPScore`` expects: transformers 5 returns them
+    inside a ``BaseModelOutputWithPooling`` (as its ``pooler_output``)."""
+
+    def __init__(self, clip):
+        super().__init__()
+        self.clip = clip
+        self.config = clip.config
+
+    def get_image_features(self, *args, **kwargs):
+        return projected(self.clip.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return projected(self.clip.get_text_features(*args, **kwargs))
+
+
+def clip_scorer(args):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPScore(model_name_or_path=lambda: (ProjectedCLIP(CLIPModel.from_pretrained(args.clip_model)),
+                                                 CLIPProcessor.from_pretrained(args.clip_model)),
+                     sync_on_compute=False)
+
+
+def score(args, fid, clip, name, count) -> dict:
+    images, records = read_generated(args, name, count)
+    fid.reset()
+    clip.reset()
+    for chunk, chunk_records in zip(batches(images, 64), batches(records, 64)):
+        pixels = torch.from_numpy(np.stack(chunk))
+        fid.update(pixels, real=False)
+        clip.update(pixels, [record["prompt"] for record in chunk_records])
+    return {"fid": float(fid.compute()), "clip_score": float(clip.compute()), "images": count,
+            "seconds_per_image": float(np.mean([record["seconds"] for record in records]))}
+
+
+def markdown_table(model, rows) -> str:
+    lines = [f"Model: `{model}`", "", "| sampler | steps | guidance | FID | CLIP score | images | s / image |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {row['sampler']} | {row['steps']} | {row['guidance_scale']:g} | {row['fid']:.2f} | {row['clip_score']:.2f} "
+              f"| {row['images']} | {row['seconds_per_image']:.3f} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="A diffusers pipeline folder or Hub id.")
+    parser.add_argument("--captions", required=True, help="COCO captions JSON, or a text file with one prompt per line.")
+    reference = parser.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--reference_images", help="Folder of the real images (e.g. COCO val2014).")
+    reference.add_argument("--reference_stats", help="reference_stats.pt saved by an earlier run.")
+    parser.add_argument("--num_images", type=int, default=30000, help="30000 (COCO 2014) or 5000 (COCO 2017), as in the paper.")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="Steps of a distilled model (LCMScheduler).")
+    parser.add_argument("--teacher_steps", type=int, nargs="+", default=None, help="Evaluate as a teacher: DDIM steps.")
+    parser.add_argument("--guidance_scale", type=float, default=8.5, help="The teacher's CFG scale (with --teacher_steps).")
+    parser.add_argument("--resolution", type=int, default=512, help="Generation size, and the size both metrics see.")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the caption choice; image i uses seed + i.")
+    parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for the CLIP score.")
+    parser.add_argument("--fid_feature_extractor", default=None,
+                        help="A TorchScript module (uint8 [N, 3, H, W] -> [N, D]) to replace Inception-v3 features.")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--work_dir", default=None, help="Generated images and reference statistics (default: next to --out).")
+    parser.add_argument("--out", required=True, help="results.json; the table goes next to it as .md.")
+    args = parser.parse_args()
+    args.work_dir = args.work_dir or os.path.splitext(args.out)[0] + "-images"
+
+    # Like Accelerator, honour accelerate's CPU flag (accelerate launch --cpu, or torchrun on CPUs).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    prompts = load_prompts(args.captions, args.num_images, args.seed)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.float16 if state.device.type == "cuda" else torch.float32)
+    pipeline = DiffusionPipeline.from_pretrained(args.model).to(state.device, dtype)
+    pipeline.set_progress_bar_config(disable=True)
+    rows = configurations(args)
+    for name, sampler, steps, guidance_scale in rows:
+        generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+
+    os.makedirs(args.work_dir, exist_ok=True)
+    fid, clip = make_fid(args), clip_scorer(args)
+    load_reference(args, fid)
+    results = []
+    for name, sampler, steps, guidance_scale in rows:
+        results.append({"name": name, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,
+                        **score(args, fid, clip, name, len(prompts))})
+    import diffusers
+    import torchmetrics
+    import transformers
+
+    report = {
+        "model": args.model, "results": results,
+        "settings": {key: value for key, value in vars(args).items()},
+        "seeds": {"caption_choice": args.seed, "images": [args.seed, args.seed + len(prompts) - 1]},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "torchmetrics": torchmetrics.__version__},
+        "device": str(state.device),
+    }
+    with open(args.out, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    table = markdown_table(args.model, results)
+    with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
+        handle.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

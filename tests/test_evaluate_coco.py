@@ -1,0 +1,145 @@
+"""The COCO evaluation harness end to end on the tiny world, offline: a tiny TorchScript feature
+extractor stands in for Inception-v3 and a tiny local CLIP for ViT-L/14."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from conftest import RESOLUTION, launch, run_script
+
+CAPTIONS = {1: ["a cup of coffee", "coffee on a table"], 2: ["a rocket on a pad", "a rocket"], 3: ["a cat"],
+            4: ["a galaxy", "stars in deep space", "the night sky"], 5: ["an astronaut"], 6: ["a colour wheel"]}
+
+
+class TinyFeatures(torch.nn.Module):
+    """uint8 images -> 16 pooled features of a fixed random conv net."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 5, stride=2)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(images.float() / 255.0)).mean(dim=(2, 3))
+
+
+@pytest.fixture(scope="module")
+def world(tiny_teacher, tiny_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    student = str(root / "student")
+    launch(tiny_teacher, tiny_shards, student, "--max_train_steps=2", "--checkpointing_steps=2")
+    annotations = [{"image_id": image_id, "id": 10 * image_id + k, "caption": text}
+                   for image_id, texts in CAPTIONS.items() for k, text in enumerate(texts)]
+    captions = root / "captions.json"
+    captions.write_text(json.dumps({"annotations": annotations, "images": [{"id": i} for i in CAPTIONS]}))
+    references = root / "reference"
+    references.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(references / f"{index}.png")
+    extractor = str(root / "features.pt")
+    torch.jit.script(TinyFeatures()).save(extractor)
+    clip = str(root / "clip")
+    from make_tiny_teacher import character_tokenizer
+
+    tokenizer = character_tokenizer(str(root))
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=77),
+                        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                           image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(clip)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(clip)
+    return dict(student=student, captions=str(captions), references=str(references), extractor=extractor, clip=clip,
+                root=root, teacher=tiny_teacher)
+
+
+def evaluate(world, out, *flags):
+    result = run_script("scripts/evaluate_coco.py", "--model", world["student"], "--captions", world["captions"],
+                        "--num_images", "4", "--resolution", str(RESOLUTION), "--batch_size", "3",
+                        "--clip_model", world["clip"], "--fid_feature_extractor", world["extractor"], "--out", out, *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_a_distilled_model_gets_a_row_per_step_count_and_resumes(world):
+    out = str(world["root"] / "results.json")
+    first = evaluate(world, out, "--reference_images", world["references"], "--steps", "1", "2", "4")
+    assert first.stdout.count(" 4 new images") == 3
+    report = json.load(open(out))
+    assert [(row["sampler"], row["steps"], row["guidance_scale"]) for row in report["results"]] == [("lcm", 1, 1.0), ("lcm", 2, 1.0), ("lcm", 4, 1.0)]
+    for row in report["results"]:
+        assert row["images"] == 4 and np.isfinite(row["fid"]) and row["fid"] >= 0 and np.isfinite(row["clip_score"])
+    assert report["seeds"]["images"] == [0, 3] and "torch" in report["versions"]
+    table = open(out.replace(".json", ".md")).read()
+    assert len(re.findall(r"^\| lcm \| [124] \| 1 \|", table, re.M)) == 3
+
+    images_dir = out.replace(".json", "-images")
+    record = json.load(open(os.path.join(images_dir, "lcm-2", "000003.json")))
+    assert record["seed"] == 3 and record["prompt"] in {text for texts in CAPTIONS.values() for text in texts}
+    # Interrupted: one image lost. The rerun makes only that one, from the saved reference statistics.
+    os.remove(os.path.join(images_dir, "lcm-2", "000001.json"))
+    before = os.path.getmtime(os.path.join(images_dir, "lcm-2", "000000.png"))
+    second = evaluate(world, out, "--reference_stats", os.path.join(images_dir, "reference_stats.pt"), "--steps", "1", "2", "4")
+    assert "lcm-1: 0 new images" in second.stdout and "lcm-2: 1 new images" in second.stdout
+    assert os.path.getmtime(os.path.join(images_dir, "lcm-2", "000000.png")) == before
+    rerun = json.load(open(out))
+    assert [row["fid"] for row in rerun["results"]] == pytest.approx([row["fid"] for row in report["results"]], rel=1e-4)
+
+
+def test_the_teacher_rows_use_ddim_and_guidance(world):
+    out = str(world["root"] / "teacher.json")
+    result = run_script("scripts/evaluate_coco.py", "--model", world["teacher"], "--captions", world["captions"],
+                        "--num_images", "2", "--resolution", str(RESOLUTION), "--teacher_steps", "3", "5",
+                        "--guidance_scale", "7.5", "--clip_model", world["clip"], "--fid_feature_extractor", world["extractor"],
+                        "--reference_images", world["references"], "--out", out)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.load(open(out))["results"]
+    assert [(row["sampler"], row["steps"], row["guidance_scale"]) for row in rows] == [("ddim", 3, 7.5), ("ddim", 5, 7.5)]
+
+
+def test_fid_is_zero_against_itself_and_grows_with_a_shift(world):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 200, (40, 3, 32, 32), dtype=np.uint8))
+    fid = FrechetInceptionDistance(feature=torch.jit.load(world["extractor"]), reset_real_features=False)
+    fid.update(images, real=True)
+    fid.update(images, real=False)
+    same = float(fid.compute())
+    fid.reset()
+    fid.update((images.int() + 50).clamp(0, 255).to(torch.uint8), real=False)
+    shifted = float(fid.compute())
+    assert abs(same) < 1e-3 and shifted > 100 * max(abs(same), 1e-6)
+
+
+def test_caption_choice_is_seeded_and_one_per_image(world):
+    from evaluate_coco import load_prompts
+
+    first = load_prompts(world["captions"], 6, seed=0)
+    assert first == load_prompts(world["captions"], 6, seed=0)
+    assert all(any(prompt in CAPTIONS[i] for i in CAPTIONS) for prompt in first) and len(first) == 6
+    assert [next(i for i in CAPTIONS if prompt in CAPTIONS[i]) for prompt in first] == sorted(CAPTIONS)
+    assert any(load_prompts(world["captions"], 6, seed=seed) != first for seed in range(1, 6))
+    with pytest.raises(SystemExit):
+        load_prompts(world["captions"], 7, seed=0)
+
+
+def test_two_processes_split_the_images(world):
+    out = str(world["root"] / "split.json")
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/evaluate_coco.py",
+                        "--model", world["student"], "--captions", world["captions"], "--num_images", "5",
+                        "--resolution", str(RESOLUTION), "--steps", "1", "--clip_model", world["clip"],
+                        "--fid_feature_extractor", world["extractor"], "--reference_images", world["references"],
+                        "--out", out, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[process 0] lcm-1: 3 new images" in result.stdout and "[process 1] lcm-1: 2 new images" in result.stdout
+    assert json.load(open(out))["results"][0]["images"] == 5
