@@ -30,19 +30,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
-from splam import (
-    DDIMSolver,
-    append_dims,
-    consistency_output,
-    distillation_loss,
-    gamma_embedding,
-    guided_teacher_prediction,
-    predicted_origin,
-    sample_gamma,
-    scalings_for_boundary_conditions,
-    sub_path_point,
-    update_ema,
-)
+from splam import update_ema
 from splam.args import SetupError, parse_args, public_config, redact_secrets
 from splam.checkpoints import (
     CheckpointError,
@@ -64,14 +52,8 @@ from splam.data import (
 )
 from splam.export import export_pipeline
 from splam.hub import HubPublisher
-from splam.models import (
-    build_student,
-    build_target,
-    lcm_scheduler,
-    load_teacher_scheduler,
-    load_teacher_unet,
-    load_text_encoder_and_vae,
-)
+from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
+from splam.training import build_distillation_models, make_optimizer, optimizer_name, splam_loss
 from splam.validation import log_validation
 
 logger = get_logger(__name__)
@@ -98,38 +80,6 @@ def check_optional_dependencies(args) -> None:
             import wandb  # noqa: F401
         except ImportError as error:
             raise SetupError("--report_to=wandb needs wandb (pip install wandb)") from error
-
-
-def optimizer_name(args) -> str:
-    return "AdamW8bit" if args.use_8bit_adam else "AdamW"
-
-
-def make_optimizer(args, params):
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        params,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
-
-
-def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:
-    """CLIP text embeddings ``[B, 77, D]`` of token ids."""
-    return text_encoder(input_ids.to(text_encoder.device))[0]
-
-
-def encode_images(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
-    """``z = vae.encode(pixels).latent_dist.sample() * scaling_factor``, in chunks of ``batch_size``."""
-    pixels = pixels.to(vae.device, vae.dtype)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(batch_size)]
-    return torch.cat(latents).float() * vae.config.scaling_factor
 
 
 def main(args):
@@ -175,40 +125,12 @@ def main(args):
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
             raise SetupError(f"cannot create the Hub repository {repo_id!r}: {' '.join(str(error).split())}") from error
 
-    # Frozen nets in the half-precision dtype where mixed precision runs under autocast; the
-    # student keeps float32 master weights and the target stays float32 (SPEC section 1).
-    # accelerate runs fp16 on a CPU without autocast (native_amp is off), so everything stays float32 there.
-    weight_dtype = torch.float32
-    if accelerator.native_amp:
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
-    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
-    teacher_unet = load_teacher_unet(args)
-    unet = build_student(args, teacher_unet)
-    target_unet = build_target(unet)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    teacher_unet.to(accelerator.device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
-    target_unet.to(accelerator.device)
-
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.enable_xformers_memory_efficient_attention:
-        for model in (teacher_unet, unet, target_unet):
-            model.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    solver = DDIMSolver(
-        teacher_scheduler.alphas_cumprod,
-        timesteps=teacher_scheduler.config.num_train_timesteps,
-        ddim_timesteps=args.num_ddim_timesteps,
-    ).to(accelerator.device)
-    time_cond_proj_dim = unet.config.time_cond_proj_dim
+    models = build_distillation_models(args, accelerator, teacher_scheduler)
 
     global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     if args.scale_lr:
         args.learning_rate *= global_batch_size
-    optimizer = make_optimizer(args, unet.parameters())
+    optimizer = make_optimizer(args, models.unet.parameters())
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * math.ceil(args.max_train_samples / global_batch_size)
 
@@ -218,7 +140,7 @@ def main(args):
         ShardStream(
             shard_urls,
             ImageTransform(args.resolution, args.center_crop, args.random_flip),
-            tokenizer,
+            models.tokenizer,
             batch_size=args.train_batch_size,
             batches_per_segment=batches_per_segment,
             shuffle_buffer=args.shuffle_buffer_size,
@@ -242,17 +164,12 @@ def main(args):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    unet, target_unet = models.unet, models.target_unet
     register_unet_hooks(accelerator, target_unet)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
-
-    with torch.no_grad():
-        uncond_input_ids = tokenizer(
-            [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(accelerator.device)
-        uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
 
     global_step, first_segment, data_stats = 0, 0, DataStats()
     if resume_state is not None:
@@ -280,73 +197,10 @@ def main(args):
         batches_seen += 1
         data_stats.update(batch_stats)
         with accelerator.accumulate(unet):
-            # 1. Latents z and prompt embeddings c (a fraction of prompts emptied).
-            with torch.no_grad():
-                latents = encode_images(pixels, vae, args.vae_encode_batch_size)
-                dropped = torch.rand(len(input_ids)) < args.proportion_empty_prompts
-                input_ids = torch.where(dropped[:, None], uncond_input_ids.cpu(), input_ids)
-                prompt_embeds = encode_prompts(input_ids, text_encoder).float()
-            batch_size, ndim = latents.shape[0], latents.ndim
-
-            # 2. A sub-path (ts, te) per sample and the start point x_s.
-            index = torch.randint(0, args.num_ddim_timesteps, (batch_size,), device=latents.device)
-            start_timesteps, end_timesteps = solver.sub_path(index)
-            alpha_start, sigma_start = solver.alpha_sigma(start_timesteps, ndim)
-            alpha_end, sigma_end = solver.alpha_sigma(end_timesteps, ndim)
-            noise = torch.randn_like(latents)
-            x_start = alpha_start * latents + sigma_start * noise
-
-            with torch.no_grad(), accelerator.autocast():
-                # 3. The teacher's CFG-guided DDIM step x_s -> x_e (cond and uncond in one call).
-                teacher_eps = teacher_unet(
-                    torch.cat([x_start, x_start]).to(teacher_unet.dtype),
-                    torch.cat([start_timesteps, start_timesteps]),
-                    encoder_hidden_states=torch.cat(
-                        [prompt_embeds, uncond_prompt_embeds.expand_as(prompt_embeds)]
-                    ).to(teacher_unet.dtype),
-                ).sample.float()
-                eps_cond, eps_uncond = teacher_eps.chunk(2)
-                x0, eps = guided_teacher_prediction(
-                    eps_cond,
-                    eps_uncond,
-                    predicted_origin(eps_cond, x_start, alpha_start, sigma_start),
-                    predicted_origin(eps_uncond, x_start, alpha_start, sigma_start),
-                    args.w_scale,
-                )
-                x_end = solver.ddim_step(x0, eps, index)
-
-                # 4. The target's endpoint y_T from x_e at te, at gamma = 1.
-                target_eps = target_unet(
-                    x_end,
-                    end_timesteps,
-                    timestep_cond=gamma_embedding(torch.ones(batch_size, device=x_end.device), time_cond_proj_dim),
-                    encoder_hidden_states=prompt_embeds,
-                ).sample.float()
-                c_skip_end, c_out_end = scalings_for_boundary_conditions(append_dims(end_timesteps, ndim))
-                y_target = consistency_output(
-                    x_end, predicted_origin(target_eps, x_end, alpha_end, sigma_end), c_skip_end, c_out_end
-                )
-
-            # 5. The sub-path linear point x_g and its noise level sigma_g.
-            gamma = sample_gamma(batch_size, latents.device, ndim, args.gamma_sampling)
-            x_gamma, sigma_gamma = sub_path_point(x_start, x_end, gamma, alpha_start, alpha_end, sigma_end)
-
-            # 6. The student's endpoint y_S from x_g at ts, told gamma.
-            with accelerator.autocast():
-                student_eps = unet(
-                    x_gamma,
-                    start_timesteps,
-                    timestep_cond=gamma_embedding(gamma.flatten(), time_cond_proj_dim),
-                    encoder_hidden_states=prompt_embeds,
-                ).sample.float()
-            c_skip_start, c_out_start = scalings_for_boundary_conditions(append_dims(start_timesteps, ndim))
-            y_student = consistency_output(
-                x_gamma, predicted_origin(student_eps, x_gamma, alpha_start, sigma_gamma), c_skip_start, c_out_start
-            )
-
-            # 7. Loss, and an optimizer step unless the loss or the gradient is not finite
-            # (under fp16 grad scaling, inf gradients are the scaler's to skip).
-            loss = distillation_loss(y_student, y_target, args.loss_type, args.huber_c)
+            # 1-7. The SPLAM loss of the batch (splam.training.splam_loss), then an optimizer step unless
+            # the loss or the gradient is not finite (under fp16 grad scaling, inf gradients are the
+            # scaler's to skip).
+            loss = splam_loss(pixels, input_ids, models, args, accelerator.autocast)
             accelerator.backward(loss)
             step_is_finite = True
             if accelerator.sync_gradients:
@@ -403,7 +257,8 @@ def main(args):
             log_validation(
                 accelerator,
                 {"target": target_unet, "online": accelerator.unwrap_model(unet)},
-                vae, text_encoder, tokenizer, lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+                models.vae, models.text_encoder, models.tokenizer,
+                lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
                 args, global_step,
             )
     progress_bar.close()

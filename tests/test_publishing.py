@@ -1,7 +1,6 @@
 """Publishing through the real huggingface_hub client, against a Hub-compatible server on loopback."""
 
 import os
-import sys
 
 import pytest
 import yaml
@@ -9,7 +8,7 @@ from huggingface_hub import ModelCard, constants
 
 from splam.hub import HubPublisher
 
-from conftest import REPO_ROOT, launch, run_script
+from conftest import launch, run_script
 from hub_server import USER, FakeHub
 
 FLAG_TOKEN = "hf_FlagTokenForTheFakeHub"

@@ -1,0 +1,183 @@
+"""The pieces of a SPLAM training step: the nets as training holds them, the optimizer, and the
+loss of one batch (SPEC section 3, steps 1 to 7). The training script and the throughput
+benchmark both run their steps through here.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae
+from .objective import (
+    consistency_output,
+    distillation_loss,
+    gamma_embedding,
+    guided_teacher_prediction,
+    predicted_origin,
+    sample_gamma,
+    scalings_for_boundary_conditions,
+    sub_path_point,
+)
+from .solver import DDIMSolver, append_dims
+
+
+@dataclass
+class DistillationModels:
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    teacher_unet: torch.nn.Module
+    unet: torch.nn.Module  # the online student (wrapped by accelerate once prepared)
+    target_unet: torch.nn.Module
+    solver: DDIMSolver
+    uncond_input_ids: torch.Tensor
+    uncond_prompt_embeds: torch.Tensor
+
+
+def frozen_weight_dtype(accelerator) -> torch.dtype:
+    """The dtype of the frozen VAE and text encoder (and the teacher with --cast_teacher_unet): the
+    half dtype where mixed precision runs under autocast, else float32. accelerate runs fp16 on a
+    CPU without autocast (``native_amp`` is off), so everything stays float32 there."""
+    if not accelerator.native_amp:
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+
+
+def build_distillation_models(args, accelerator, teacher_scheduler) -> DistillationModels:
+    """Load the frozen nets, build the student and its EMA target (fp32, SPEC section 1), move all
+    to the device, and apply the memory and speed options."""
+    weight_dtype = frozen_weight_dtype(accelerator)
+    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+    teacher_unet = load_teacher_unet(args)
+    unet = build_student(args, teacher_unet)
+    target_unet = build_target(unet)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    teacher_unet.to(accelerator.device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
+    target_unet.to(accelerator.device)
+    if args.channels_last:
+        for model in (vae, teacher_unet, unet, target_unet):
+            model.to(memory_format=torch.channels_last)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.enable_xformers_memory_efficient_attention:
+        for model in (teacher_unet, unet, target_unet):
+            model.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.torch_compile:
+        for model in (teacher_unet, unet, target_unet):
+            model.compile()
+
+    solver = DDIMSolver(
+        teacher_scheduler.alphas_cumprod,
+        timesteps=teacher_scheduler.config.num_train_timesteps,
+        ddim_timesteps=args.num_ddim_timesteps,
+    ).to(accelerator.device)
+    # The empty prompt is encoded once: every step's unconditional teacher call reuses it.
+    with torch.no_grad():
+        uncond_input_ids = tokenizer(
+            [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids.to(accelerator.device)
+        uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
+    return DistillationModels(tokenizer, text_encoder, vae, teacher_unet, unet, target_unet, solver,
+                              uncond_input_ids, uncond_prompt_embeds)
+
+
+def make_optimizer(args, params):
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``; torch's fused kernel on CUDA."""
+    params = list(params)
+    options = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **options)
+    return torch.optim.AdamW(params, fused=params[0].is_cuda, **options)
+
+
+def optimizer_name(args) -> str:
+    return "AdamW8bit" if args.use_8bit_adam else "AdamW"
+
+
+def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:
+    """CLIP text embeddings ``[B, 77, D]`` of token ids."""
+    return text_encoder(input_ids.to(text_encoder.device))[0]
+
+
+def encode_images(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
+    """``z = vae.encode(pixels).latent_dist.sample() * scaling_factor``, in chunks of ``batch_size``."""
+    pixels = pixels.to(vae.device, vae.dtype, non_blocking=True)
+    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(batch_size)]
+    return torch.cat(latents).float() * vae.config.scaling_factor
+
+
+def splam_loss(pixels: torch.Tensor, input_ids: torch.Tensor, models: DistillationModels, args, autocast) -> torch.Tensor:
+    """The SPLAM loss of one batch, SPEC section 3 steps 1 to 7 (``autocast`` is the accelerator's).
+
+    1. latents ``z`` and prompt embeddings ``c`` (a fraction of prompts emptied);
+    2. a sub-path ``(ts, te)`` per sample and ``x_s = a(ts) z + s(ts) noise``;
+    3. the teacher's CFG-guided DDIM step ``x_s -> x_e`` (cond and uncond in one batched call);
+    4. the target's endpoint ``y_T`` from ``x_e`` at ``te``, at gamma = 1;
+    5. ``gamma`` and the sub-path linear point ``x_g`` with its noise level ``sigma_g``;
+    6. the student's endpoint ``y_S`` from ``x_g`` at ``ts``, told ``gamma``;
+    7. the distance of ``y_S`` to ``y_T`` (no gradient through the target side).
+    """
+    solver, time_cond_proj_dim = models.solver, models.target_unet.config.time_cond_proj_dim
+    with torch.no_grad():
+        latents = encode_images(pixels, models.vae, args.vae_encode_batch_size)
+        dropped = torch.rand(len(input_ids)) < args.proportion_empty_prompts
+        input_ids = torch.where(dropped[:, None], models.uncond_input_ids.cpu(), input_ids)
+        prompt_embeds = encode_prompts(input_ids, models.text_encoder).float()
+    batch_size, ndim = latents.shape[0], latents.ndim
+
+    index = torch.randint(0, args.num_ddim_timesteps, (batch_size,), device=latents.device)
+    start_timesteps, end_timesteps = solver.sub_path(index)
+    alpha_start, sigma_start = solver.alpha_sigma(start_timesteps, ndim)
+    alpha_end, sigma_end = solver.alpha_sigma(end_timesteps, ndim)
+    noise = torch.randn_like(latents)
+    x_start = alpha_start * latents + sigma_start * noise
+
+    teacher_unet, teacher_dtype = models.teacher_unet, models.teacher_unet.dtype
+    with torch.no_grad(), autocast():
+        teacher_eps = teacher_unet(
+            torch.cat([x_start, x_start]).to(teacher_dtype),
+            torch.cat([start_timesteps, start_timesteps]),
+            encoder_hidden_states=torch.cat(
+                [prompt_embeds, models.uncond_prompt_embeds.expand_as(prompt_embeds)]
+            ).to(teacher_dtype),
+        ).sample.float()
+        eps_cond, eps_uncond = teacher_eps.chunk(2)
+        x0, eps = guided_teacher_prediction(
+            eps_cond,
+            eps_uncond,
+            predicted_origin(eps_cond, x_start, alpha_start, sigma_start),
+            predicted_origin(eps_uncond, x_start, alpha_start, sigma_start),
+            args.w_scale,
+        )
+        x_end = solver.ddim_step(x0, eps, index)
+
+        target_eps = models.target_unet(
+            x_end,
+            end_timesteps,
+            timestep_cond=gamma_embedding(torch.ones(batch_size, device=x_end.device), time_cond_proj_dim),
+            encoder_hidden_states=prompt_embeds,
+        ).sample.float()
+        c_skip_end, c_out_end = scalings_for_boundary_conditions(append_dims(end_timesteps, ndim))
+        y_target = consistency_output(x_end, predicted_origin(target_eps, x_end, alpha_end, sigma_end), c_skip_end, c_out_end)
+
+    gamma = sample_gamma(batch_size, latents.device, ndim, args.gamma_sampling)
+    x_gamma, sigma_gamma = sub_path_point(x_start, x_end, gamma, alpha_start, alpha_end, sigma_end)
+
+    with autocast():
+        student_eps = models.unet(
+            x_gamma,
+            start_timesteps,
+            timestep_cond=gamma_embedding(gamma.flatten(), time_cond_proj_dim),
+            encoder_hidden_states=prompt_embeds,
+        ).sample.float()
+    c_skip_start, c_out_start = scalings_for_boundary_conditions(append_dims(start_timesteps, ndim))
+    y_student = consistency_output(
+        x_gamma, predicted_origin(student_eps, x_gamma, alpha_start, sigma_gamma), c_skip_start, c_out_start
+    )
+    return distillation_loss(y_student, y_target, args.loss_type, args.huber_c)

@@ -1,0 +1,60 @@
+"""The throughput benchmark runs, and every speed option leaves the step's math unchanged."""
+
+import contextlib
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from splam.args import parse_args
+from splam.models import load_teacher_scheduler
+from splam.training import build_distillation_models, splam_loss
+
+from conftest import RESOLUTION, run_script
+
+
+def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
+    out = str(tmp_path / "figures.json")
+    result = run_script("scripts/benchmark.py", "--preset", "tiny", "--teacher_dir", tiny_teacher, "--batch_size", "2",
+                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "1", "--peak_tflops", "1", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor"):
+        assert text in result.stdout, text
+    import json
+
+    figures = json.load(open(out))
+    assert figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
+    assert figures["tflop_per_step"] > 0 and figures["samples_per_s"] == pytest.approx(2 / figures["s_per_step"]["median"])
+
+
+def fixed_step_loss(tiny_teacher, *flags):
+    """The fp32 loss of one step on a fixed batch with fixed random draws."""
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused",
+                       "--max_train_steps=1", f"--resolution={RESOLUTION}", "--seed=0", *flags])
+    models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.rand((3, 3, RESOLUTION, RESOLUTION), generator=generator) * 2 - 1
+    input_ids = torch.randint(0, len(models.tokenizer), (3, 77), generator=generator)
+    torch.manual_seed(2)
+    return splam_loss(pixels, input_ids, models, args, contextlib.nullcontext).item()
+
+
+@pytest.mark.parametrize("option", ["--channels_last", "--torch_compile", "--gradient_checkpointing"])
+def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
+    reference = fixed_step_loss(tiny_teacher)
+    assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
+
+
+def test_one_batched_teacher_call_equals_two(tiny_teacher):
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused", "--max_train_steps=1"])
+    models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([19, 519, 999])
+    cond = torch.randn(3, 77, models.uncond_prompt_embeds.shape[-1])
+    uncond = models.uncond_prompt_embeds.expand_as(cond)
+    with torch.no_grad():
+        batched = models.teacher_unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+        separate = torch.cat([models.teacher_unet(x, t, encoder_hidden_states=cond).sample,
+                              models.teacher_unet(x, t, encoder_hidden_states=uncond).sample])
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
