@@ -90,7 +90,8 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_tea
 
     result = subprocess.run(
         [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
-                                           "--checkpointing_steps=2", "--resume_from_checkpoint=latest")],
+                                           "--checkpointing_steps=2", "--checkpoints_total_limit=1",
+                                           "--resume_from_checkpoint=latest")],
         cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=600,
     )
     assert result.returncode != 0
