@@ -203,10 +203,11 @@ def main(args):
             loss = splam_loss(pixels, input_ids, models, args, accelerator.autocast)
             accelerator.backward(loss)
             step_is_finite = True
+            loss_value = loss.item()  # one host sync for the loss, shared by the finiteness check and the log
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 # DeepSpeed clips inside its engine and returns no norm.
-                step_is_finite = bool(torch.isfinite(loss)) and (
+                step_is_finite = math.isfinite(loss_value) and (
                     accelerator.scaler is not None or grad_norm is None or bool(torch.isfinite(grad_norm))
                 )
                 if step_is_finite:
@@ -229,7 +230,7 @@ def main(args):
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
                     "lower --learning_rate or check the teacher and the data"
                 )
-        logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0],
+        logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                 "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
         progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
         accelerator.log(logs, step=global_step)

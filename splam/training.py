@@ -30,7 +30,7 @@ class DistillationModels:
     unet: torch.nn.Module  # the online student (wrapped by accelerate once prepared)
     target_unet: torch.nn.Module
     solver: DDIMSolver
-    uncond_input_ids: torch.Tensor
+    uncond_input_ids: torch.Tensor  # on the CPU, where the batches' token ids are
     uncond_prompt_embeds: torch.Tensor
 
 
@@ -78,7 +78,7 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     with torch.no_grad():
         uncond_input_ids = tokenizer(
             [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids.to(accelerator.device)
+        ).input_ids
         uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
     return DistillationModels(tokenizer, text_encoder, vae, teacher_unet, unet, target_unet, solver,
                               uncond_input_ids, uncond_prompt_embeds)
@@ -127,7 +127,7 @@ def splam_loss(pixels: torch.Tensor, input_ids: torch.Tensor, models: Distillati
     with torch.no_grad():
         latents = encode_images(pixels, models.vae, args.vae_encode_batch_size)
         dropped = torch.rand(len(input_ids)) < args.proportion_empty_prompts
-        input_ids = torch.where(dropped[:, None], models.uncond_input_ids.cpu(), input_ids)
+        input_ids = torch.where(dropped[:, None], models.uncond_input_ids, input_ids)
         prompt_embeds = encode_prompts(input_ids, models.text_encoder).float()
     batch_size, ndim = latents.shape[0], latents.ndim
 
