@@ -6,9 +6,10 @@
 
 1. writes the real digits as webdataset shards (train split) and trains a judge classifier;
 2. trains a small SD-architecture teacher on them (VAE, then UNet with caption dropout);
-3. distils it twice with train_splam_distill_sd_wds.py, same seed, steps and lr:
-   ``--gamma_sampling uniform`` (SPLAM) and ``--gamma_sampling one`` (LCM);
-4. evaluates both against the teacher (scripts/evaluate.py) and writes the table
+3. distils it three times with train_splam_distill_sd_wds.py, same seed, steps and lr:
+   ``--gamma_sampling uniform`` (SPLAM, as specified), ``--gamma_sampling one`` (LCM) and
+   SPLAM with ``--time_cond_proj_init zero`` (SPLAM-zero);
+4. evaluates them against the teacher (scripts/evaluate.py) and writes the table
    (``digits.md``), a plot of the metrics against steps (``digits.png``), a sample grid per
    method and ``results.json`` into ``--docs_dir``.
 """
@@ -34,19 +35,23 @@ SETTINGS = {
     "quick": dict(vae_steps=60, unet_steps=150, distill_steps=30, seeds=[0, 1]),
 }
 W_SCALE = 3.0
-METHODS = {"SPLAM": "uniform", "LCM": "one"}
+METHODS = {
+    "SPLAM": ["--gamma_sampling=uniform"],
+    "LCM": ["--gamma_sampling=one"],
+    "SPLAM-zero": ["--gamma_sampling=uniform", "--time_cond_proj_init=zero"],
+}
 METRICS = [("latent_mse", "latent MSE to teacher"), ("pixel_mse", "pixel MSE to teacher"),
            ("accuracy", "digit accuracy"), ("frechet_distance", "Frechet distance")]
 
 
-def distil(teacher, shards, output_dir, gamma_sampling, steps, seed):
+def distil(teacher, shards, output_dir, method_flags, steps, seed):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO_ROOT, "train_splam_distill_sd_wds.py"),
         f"--pretrained_teacher_model={teacher}", f"--output_dir={output_dir}", f"--train_shards_path_or_url={shards}",
         "--resolution=32", "--train_batch_size=32", f"--max_train_steps={steps}", "--learning_rate=1e-4",
         "--lr_scheduler=constant", "--loss_type=huber", "--ema_decay=0.95", "--adam_weight_decay=0.0",
-        f"--w_scale={W_SCALE}", f"--gamma_sampling={gamma_sampling}", f"--checkpointing_steps={steps}",
+        f"--w_scale={W_SCALE}", *method_flags, f"--checkpointing_steps={steps}",
         f"--validation_steps={steps * 10}", "--dataloader_num_workers=1", "--shuffle_buffer_size=200",
         f"--seed={seed}", "--validation_prompts", "a handwritten digit seven",
     ]
@@ -64,12 +69,13 @@ def write_table(results, settings, timings, command, path):
         "",
         f"Produced by `{command}` on {platform.machine()} CPU ({os.cpu_count()} cores), torch {torch.__version__}, "
         f"in {timings['total']:.0f} s (data {timings['data']:.0f} s, teacher {timings['teacher']:.0f} s, "
-        f"distillations {timings['distil']:.0f} s, evaluation {timings['evaluate']:.0f} s). No GPU was used.",
+        f"{len(METHODS)} distillations {timings['distil']:.0f} s, evaluation {timings['evaluate']:.0f} s). No GPU was used.",
         "",
         f"Teacher: trained here for {settings['vae_steps']} VAE and {settings['unet_steps']} UNet steps; sampled with "
         f"{TEACHER_STEPS}-step DDIM at guidance w = {results['w_scale']} (diffusers' guidance_scale {results['w_scale'] + 1}). "
         f"Students: {settings['distill_steps']} distillation steps each, batch 32, lr 1e-4, same seed; SPLAM draws "
-        "gamma ~ U[0, 1), LCM fixes gamma = 1. Sampled with LCMScheduler at guidance_scale 1.",
+        "gamma ~ U[0, 1), LCM fixes gamma = 1; SPLAM-zero is SPLAM whose new gamma projection starts at zero "
+        "(`--time_cond_proj_init zero`) instead of PyTorch's random init. Sampled with LCMScheduler at guidance_scale 1.",
         f"Each cell: mean ± standard deviation over {len(results['seeds'])} seeds of {results['prompts']} held-out "
         f"prompts (10 digits x 4 phrasings), the same initial noise for every sampler. Judge (an MLP on the real "
         f"8x8 digits) held-out accuracy: {results['judge_heldout_accuracy']:.3f}. Lower is better for the MSEs and "
@@ -136,10 +142,10 @@ def main():
     timings["teacher"] = time.perf_counter() - started - timings["data"]
 
     students = {}
-    for name, gamma_sampling in METHODS.items():
+    for name, method_flags in METHODS.items():
         students[name] = os.path.join(args.work_dir, name.lower())
-        distil(teacher, shards, students[name], gamma_sampling, settings["distill_steps"], args.seed)
-        print(f"Distilled {name} (--gamma_sampling {gamma_sampling}) into {students[name]}")
+        distil(teacher, shards, students[name], method_flags, settings["distill_steps"], args.seed)
+        print(f"Distilled {name} ({' '.join(method_flags)}) into {students[name]}")
     timings["distil"] = time.perf_counter() - started - timings["data"] - timings["teacher"]
 
     results = evaluate(teacher, students, W_SCALE, seeds=settings["seeds"], data_seed=args.seed, grid_dir=docs_dir)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     models.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
                         help="Width of the gamma embedding E(gamma) when the teacher's UNet has no time_cond_proj_dim.")
+    models.add_argument("--time_cond_proj_init", type=str, default="random", choices=["random", "zero"],
+                        help="Start of the new gamma projection: random (PyTorch's default, as the authors) or zero "
+                             "(the student starts as the teacher at every gamma).")
 
     data = parser.add_argument_group("data")
     data.add_argument("--train_shards_path_or_url", type=str, required=True,

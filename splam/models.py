@@ -74,7 +74,10 @@ def freeze(model):
 def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionModel:
     """The online student: the teacher's architecture with a time-conditioning input of width
     ``--unet_time_cond_proj_dim`` (for E(gamma)) when the teacher has none, initialised from
-    the teacher's weights (``--revision``); the new projection starts from its default init.
+    the teacher's weights (``--revision``). The new projection ``time_embedding.cond_proj``
+    starts fresh: PyTorch's default init (``--time_cond_proj_init random``, the authors' choice),
+    or zeros (``zero``), which adds nothing to the timestep embedding, so the student starts as
+    the teacher at every gamma.
 
     The initialisation is seeded apart from the training RNG (which differs per process), so
     every process builds the same student and the EMA target starts identical everywhere."""
@@ -91,6 +94,8 @@ def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionMo
     missing, unexpected = student.load_state_dict(weights, strict=False)
     if unexpected or any(not name.startswith("time_embedding.cond_proj") for name in missing):
         raise TeacherError(f"the teacher's UNet does not fit the student: missing {missing}, unexpected {unexpected}")
+    if missing and args.time_cond_proj_init == "zero":
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     student.train()
     return student
 

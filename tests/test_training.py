@@ -167,3 +167,25 @@ def test_the_readme_inference_snippet_samples_the_output(resumed_run):
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and image.std() > 0
     # The seed README's old argument name still runs (today's pipeline ignores it).
     assert namespace["pipe"](prompt="a cat", num_inference_steps=1, guidance_scale=1, lcm_origin_steps=50).images
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+def test_time_cond_proj_init(tiny_teacher, init):
+    """zero: the student predicts what the teacher predicts at every gamma; random: it does not."""
+    from splam.models import build_student
+    from splam.objective import gamma_embedding
+
+    args = parse_args(["--pretrained_teacher_model", tiny_teacher, "--train_shards_path_or_url", "unused.tar", "--max_train_steps=1",
+                       f"--time_cond_proj_init={init}"])
+    teacher = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
+    student = build_student(args, teacher)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, teacher.config.in_channels, 8, 8, generator=generator)
+    context = torch.randn(2, 77, teacher.config.cross_attention_dim, generator=generator)
+    timesteps = torch.tensor([999, 19])
+    gamma = torch.tensor([0.0, 0.7])
+    with torch.no_grad():
+        expected = teacher(sample, timesteps, context).sample
+        got = student(sample, timesteps, context,
+                      timestep_cond=gamma_embedding(gamma, student.config.time_cond_proj_dim)).sample
+    assert torch.allclose(got, expected, atol=1e-6) == (init == "zero")
