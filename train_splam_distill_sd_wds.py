@@ -25,7 +25,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
@@ -40,20 +40,12 @@ from splam.checkpoints import (
     register_unet_hooks,
     save_checkpoint,
 )
-from splam.data import (
-    DataError,
-    DataStats,
-    ImageTransform,
-    ShardStream,
-    check_local_shards,
-    expand_shard_urls,
-    make_train_dataloader,
-    train_batches,
-)
+from splam.data import DataError, DataStats, ShardStream, make_train_dataloader, train_shard_urls, train_batches, training_samples
 from splam.export import export_pipeline
 from splam.hub import HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
-from splam.training import build_distillation_models, make_optimizer, optimizer_name, splam_loss
+from splam.sharding import check_fsdp_options, whole_student
+from splam.training import build_distillation_models, encode_batch, make_optimizer, optimizer_name, splam_loss
 from splam.validation import log_validation
 
 logger = get_logger(__name__)
@@ -103,11 +95,8 @@ def main(args):
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
     check_optional_dependencies(args)
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise SetupError("FSDP is not supported yet: the EMA target and the checkpoints read the student's whole "
-                         "parameters, which FSDP shards; use DDP or DeepSpeed ZeRO-2 (configs/)")
-    shard_urls = expand_shard_urls(args.train_shards_path_or_url)
-    check_local_shards(shard_urls)
+    check_fsdp_options(accelerator, args)
+    shard_urls = train_shard_urls(args)
     resume_path = agree_on_resume_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     resume_state = read_training_state(resume_path) if resume_path else None
     if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
@@ -139,8 +128,7 @@ def main(args):
     train_dataloader = make_train_dataloader(
         ShardStream(
             shard_urls,
-            ImageTransform(args.resolution, args.center_crop, args.random_flip),
-            models.tokenizer,
+            training_samples(args, models.tokenizer, models.text_encoder, models.vae),
             batch_size=args.train_batch_size,
             batches_per_segment=batches_per_segment,
             shuffle_buffer=args.shuffle_buffer_size,
@@ -193,14 +181,15 @@ def main(args):
     batches_seen, nonfinite_in_a_row = 0, 0
     batches = train_batches(train_dataloader, first_segment)
     while global_step < args.max_train_steps:
-        pixels, input_ids, batch_stats = next(batches)
+        inputs, conditioning, batch_stats = next(batches)
         batches_seen += 1
         data_stats.update(batch_stats)
         with accelerator.accumulate(unet):
-            # 1-7. The SPLAM loss of the batch (splam.training.splam_loss), then an optimizer step unless
-            # the loss or the gradient is not finite (under fp16 grad scaling, inf gradients are the
-            # scaler's to skip).
-            loss = splam_loss(pixels, input_ids, models, args, accelerator.autocast)
+            # 1. Latents z and prompt embeddings c. 2-7. The SPLAM loss (splam.training.splam_loss),
+            # then an optimizer step unless the loss or the gradient is not finite (under fp16 grad
+            # scaling, inf gradients are the scaler's to skip).
+            latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
+            loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
             step_is_finite = True
             loss_value = loss.item()  # one host sync for the loss, shared by the finiteness check and the log
@@ -254,25 +243,27 @@ def main(args):
                 logger.info(f"EMA target identical on all {accelerator.num_processes} processes")
             if data_stats.total():
                 logger.info(f"Data so far: {data_stats.report()}")
-        if global_step % args.validation_steps == 0 and accelerator.is_main_process:
-            log_validation(
-                accelerator,
-                {"target": target_unet, "online": accelerator.unwrap_model(unet)},
-                models.vae, models.text_encoder, models.tokenizer,
-                lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
-                args, global_step,
-            )
+        if global_step % args.validation_steps == 0:
+            student = whole_student(accelerator, unet)
+            if accelerator.is_main_process:
+                log_validation(
+                    accelerator, {"target": target_unet, "online": student.to(accelerator.device)},
+                    models.vae, models.text_encoder, models.tokenizer,
+                    lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+                    args, global_step,
+                )
     progress_bar.close()
     if data_stats.total():
         logger.info(f"Data in all: {data_stats.report()}")
 
     # ---- The distilled pipeline --------------------------------------------------------
     accelerator.wait_for_everyone()
+    student = whole_student(accelerator, unet)
     if accelerator.is_main_process:
         # The frozen nets were cast for training; the published pipeline gets them as released.
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
         export_pipeline(
-            args, tokenizer, text_encoder, vae, target_unet, accelerator.unwrap_model(unet),
+            args, tokenizer, text_encoder, vae, target_unet, student,
             teacher_scheduler.config, global_step, global_step * global_batch_size,
         )
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")

@@ -6,15 +6,17 @@
 
 Builds the teacher offline (``scripts/make_tiny_teacher.py --preset``: ``sd15`` is the full
 SD 1.5 architecture with random weights), then runs the training script's own step
-(``splam.training.splam_loss``, backward, clipping, optimizer, EMA) for ``--warmup`` plus
-``--steps`` timed steps on random images and token ids already on the device, and prints
+(``splam.training.encode_batch`` and ``splam_loss``, backward, clipping, optimizer, EMA) for
+``--warmup`` plus ``--steps`` timed steps on a random batch already on the device, and prints
 s/step (median, min, max), samples/s, peak memory, the FLOPs of a step (counted by
 ``torch.utils.flop_counter`` on the first step), achieved TFLOP/s and, given
 ``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak rate).
 
-Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-bit Adam);
-``fast`` drops checkpointing and 8-bit Adam and adds a half-precision teacher, channels-last
-and torch.compile. Any training flag can be added after ``--``.
+Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-bit Adam) on
+images and token ids; ``fast`` trains from precomputed latents and prompt embeddings
+(``--train_latents_path_or_url``: no VAE encode or text encoder in the step), drops
+checkpointing and 8-bit Adam and adds a half-precision teacher, channels-last and
+torch.compile. Any training flag can be added after ``--``.
 """
 
 import argparse
@@ -38,17 +40,24 @@ from make_tiny_teacher import make_teacher  # noqa: E402
 from splam import update_ema  # noqa: E402
 from splam.args import parse_args  # noqa: E402
 from splam.models import load_teacher_scheduler  # noqa: E402
-from splam.training import build_distillation_models, make_optimizer, splam_loss  # noqa: E402
+from splam.training import (  # noqa: E402
+    build_distillation_models,
+    encode_batch,
+    encode_prompts,
+    make_optimizer,
+    posterior_moments,
+    splam_loss,
+)
 
 MODES = {
-    "readme": ["--gradient_checkpointing", "--use_8bit_adam"],
-    "fast": ["--cast_teacher_unet", "--channels_last", "--torch_compile"],
+    "readme": ["--train_shards_path_or_url=synthetic", "--gradient_checkpointing", "--use_8bit_adam"],
+    "fast": ["--train_latents_path_or_url=synthetic", "--cast_teacher_unet", "--channels_last", "--torch_compile"],
 }
 
 
 def training_args(teacher_dir, options, extra):
     flags = [
-        f"--pretrained_teacher_model={teacher_dir}", "--train_shards_path_or_url=synthetic", "--max_train_steps=1",
+        f"--pretrained_teacher_model={teacher_dir}", "--max_train_steps=1",
         f"--resolution={options.resolution}", f"--train_batch_size={options.batch_size}", "--learning_rate=8e-6",
         "--loss_type=huber", "--adam_weight_decay=0.0", *MODES[options.mode], *extra,
     ]
@@ -58,11 +67,18 @@ def training_args(teacher_dir, options, extra):
 
 
 def synthetic_batch(args, models, device):
+    """Random images and token ids, or with ``--train_latents_path_or_url`` what the latent shards
+    would hold for them (float16 moments and prompt embeddings), on the device."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand((args.train_batch_size, 3, args.resolution, args.resolution), generator=generator) * 2 - 1
     input_ids = torch.randint(0, len(models.tokenizer), (args.train_batch_size, models.tokenizer.model_max_length),
                               generator=generator)
-    return pixels.to(device), input_ids
+    if not args.train_latents_path_or_url:
+        return pixels.to(device), input_ids
+    with torch.no_grad():
+        moments = posterior_moments(pixels, models.vae, args.vae_encode_batch_size)
+        prompt_embeds = encode_prompts(input_ids, models.text_encoder)
+    return moments.half(), prompt_embeds.half()
 
 
 class Timer:
@@ -116,12 +132,13 @@ def main():
     models = build_distillation_models(args, accelerator, teacher_scheduler)
     optimizer = make_optimizer(args, models.unet.parameters())
     models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    pixels, input_ids = synthetic_batch(args, models, accelerator.device)
+    inputs, conditioning = synthetic_batch(args, models, accelerator.device)
 
     def step(count_flops=False):
         counter = torch.utils.flop_counter.FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with counter:
-            loss = splam_loss(pixels, input_ids, models, args, accelerator.autocast)
+            latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
+            loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
             optimizer.step()

@@ -43,8 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(the student starts as the teacher at every gamma).")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--train_shards_path_or_url", type=str, required=True,
-                      help="Webdataset shards: paths, URLs, 'pipe:' commands, {000..009} ranges, '::'-separated lists.")
+    source = data.add_mutually_exclusive_group(required=True)
+    source.add_argument("--train_shards_path_or_url", type=str,
+                        help="Image-text webdataset shards: paths, URLs, 'pipe:' commands, {000..009} ranges, "
+                             "'::'-separated lists.")
+    source.add_argument("--train_latents_path_or_url", type=str,
+                        help="Instead, shards of VAE latents and prompt embeddings from scripts/precompute_latents.py "
+                             "(same forms): no VAE encode or text encoder per step; crops and flips are those of the "
+                             "precomputation.")
     data.add_argument("--resolution", type=int, default=512, help="Training image size in pixels (a multiple of 8).")
     data.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
@@ -137,6 +143,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("max_train_steps", "max_train_samples", "num_train_epochs"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("center_crop", "random_flip"):
+        if args.train_latents_path_or_url and getattr(args, name):
+            parser.error(f"--{name} has no effect on --train_latents_path_or_url: crops and flips are made once, by "
+                         f"scripts/precompute_latents.py --{name}")
     if args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must not be negative, got {args.dataloader_num_workers}")
     if args.max_train_steps is None and args.max_train_samples is None:

@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import UNet2DConditionModel
 
 from .args import SetupError
+from .sharding import whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
@@ -90,11 +91,13 @@ def ema_checksums(target_unet) -> torch.Tensor:
 
 def register_unet_hooks(accelerator, target_unet) -> None:
     """Make ``accelerator.save_state``/``load_state`` write and read both UNets as
-    diffusers folders (``unet/`` and ``unet_target/``) instead of a bare state dict."""
+    diffusers folders (``unet/`` and ``unet_target/``) instead of a bare state dict.
+    Under FSDP and DeepSpeed accelerate also keeps the student in its own sharded files,
+    which a resume reads; ``unet/`` is then the gathered copy for people and the export."""
 
     def save_unets(models, weights, output_dir):
+        student = whole_student(accelerator, models[0])
         if accelerator.is_main_process:
-            student = accelerator.unwrap_model(models[0])
             check_finite(student, "the student")
             check_finite(target_unet, "the EMA target")
             student.save_pretrained(os.path.join(output_dir, "unet"))
@@ -103,8 +106,9 @@ def register_unet_hooks(accelerator, target_unet) -> None:
             weights.pop()
 
     def load_unets(models, input_dir):
-        student = accelerator.unwrap_model(models.pop())
-        student.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
+        if models:  # FSDP and DeepSpeed load the student from their own files and pass no models
+            student = accelerator.unwrap_model(models.pop())
+            student.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet").state_dict())
         target_unet.load_state_dict(UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet_target").state_dict())
 
     accelerator.register_save_state_pre_hook(save_unets)

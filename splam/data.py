@@ -1,4 +1,6 @@
-"""Streaming batches of ``(pixels, token ids)`` from webdataset tar shards.
+"""Streaming training batches from webdataset tar shards: ``(pixels, token ids)`` from
+image-text shards, or ``(posterior moments, prompt embeddings)`` from the latent shards of
+``scripts/precompute_latents.py``.
 
 A shard spec is what ``--train_shards_path_or_url`` takes: local paths, URLs, ``pipe:``
 commands, ``{000..009}`` brace ranges and ``::``-separated lists of these. Samples are
@@ -32,10 +34,13 @@ from .args import SetupError
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
 # Reasons a sample is dropped, and reasons it was mended, as counted in DataStats.
-SKIP_REASONS = ("bad_shard", "no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large")
+SKIP_REASONS = ("bad_shard", "no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large",
+                "no_latents", "undecodable_latents")
 REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled")
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_UNDECODABLE_IN_A_ROW = 1000
+# The arrays of a latent shard's sample (scripts/precompute_latents.py writes them).
+MOMENTS_KEY, PROMPT_EMBEDS_KEY = "moments.npy", "prompt_embeds.npy"
 
 
 class DataError(RuntimeError):
@@ -63,11 +68,27 @@ def expand_shard_urls(spec: str) -> list:
     return wds.shardlists.expand_urls(spec)
 
 
-def check_local_shards(urls) -> None:
-    """Refuse a shard spec whose URLs are all local paths and none of which exists."""
+def train_shard_urls(args) -> list:
+    """The shard URLs of ``--train_shards_path_or_url`` or ``--train_latents_path_or_url``; a spec
+    whose URLs are all local paths, none of which exists, is refused."""
+    flag = "--train_latents_path_or_url" if args.train_latents_path_or_url else "--train_shards_path_or_url"
+    urls = expand_shard_urls(args.train_latents_path_or_url or args.train_shards_path_or_url)
     local = [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
     if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
-        raise SetupError(f"--train_shards_path_or_url matches no file (first: {urls[0]}, {len(urls)} in all)")
+        raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all)")
+    return urls
+
+
+def training_samples(args, tokenizer, text_encoder, vae):
+    """What the flags make a training sample: ``LatentSamples`` of the shapes this teacher gives at
+    ``--resolution`` with ``--train_latents_path_or_url``, else ``ImageTextSamples``."""
+    if not args.train_latents_path_or_url:
+        return ImageTextSamples(ImageTransform(args.resolution, args.center_crop, args.random_flip), tokenizer)
+    latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    return LatentSamples(
+        moments_shape=(2 * vae.config.latent_channels, latent_size, latent_size),
+        prompt_embeds_shape=(tokenizer.model_max_length, text_encoder.config.hidden_size),
+    )
 
 
 def to_rgb(image: Image.Image, stats: DataStats) -> Image.Image:
@@ -167,19 +188,25 @@ def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Rand
     return None
 
 
-def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats):
-    """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes; stops with
-    ``DataError`` after ``MAX_UNDECODABLE_IN_A_ROW`` failures in a row."""
+def decoded_samples(encoded, decode, stats: DataStats, what: str):
+    """``(decode(data), rest)`` for each ``(data, rest)`` whose data decodes (``decode`` returns
+    ``None`` for one that does not, counted by it); stops with ``DataError`` after
+    ``MAX_UNDECODABLE_IN_A_ROW`` failures in a row (``what`` names the data in the message)."""
     failures_in_a_row = 0
-    for image_bytes, caption in pairs:
-        pixels = decode_image(image_bytes, transform, rng, stats)
-        if pixels is None:
+    for data, rest in encoded:
+        decoded = decode(data)
+        if decoded is None:
             failures_in_a_row += 1
             if failures_in_a_row >= MAX_UNDECODABLE_IN_A_ROW:
-                raise DataError(f"{failures_in_a_row} images in a row could not be used ({stats.summary()})")
+                raise DataError(f"{failures_in_a_row} {what} in a row could not be used ({stats.summary()})")
             continue
         failures_in_a_row = 0
-        yield pixels, caption
+        yield decoded, rest
+
+
+def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats):
+    """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes."""
+    return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), stats, "images")
 
 
 def tar_samples(urls, stats: DataStats):
@@ -223,20 +250,85 @@ def tokenize(tokenizer, captions, stats: DataStats) -> torch.Tensor:
     return tokenizer(captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
 
+class ImageTextSamples:
+    """What a training sample is in image-text shards: an image and its caption, batched as
+    ``(pixels [B, 3, R, R], input_ids [B, 77])``."""
+
+    usable, flag = "captioned image", "--train_shards_path_or_url"
+
+    def __init__(self, transform: ImageTransform, tokenizer):
+        self.transform = transform
+        self.tokenizer = tokenizer
+
+    def select(self, raw_samples, stats: DataStats, on_sample):
+        """Cheap checks, before the shuffle buffer: ``(image bytes, caption)`` pairs."""
+        return captioned_images(raw_samples, stats, on_sample)
+
+    def decode(self, selected, rng: random.Random, stats: DataStats):
+        return decoded_images(selected, self.transform, rng, stats)
+
+    def collate(self, batch, stats: DataStats):
+        pixels = torch.stack([pixels for pixels, _ in batch])
+        return pixels, tokenize(self.tokenizer, [caption for _, caption in batch], stats)
+
+
+class LatentSamples:
+    """What a training sample is in latent shards (``scripts/precompute_latents.py``): the VAE
+    posterior's moments (mean and log-variance, ``[2C, R/8, R/8]``) and the prompt embeddings
+    (``[77, D]``), stored in float16 or float32, batched in float32 as
+    ``(moments [B, 2C, h, w], prompt_embeds [B, 77, D])``.
+    Shards made for another resolution or text encoder are refused with ``DataError``."""
+
+    usable, flag = "sample with latents", "--train_latents_path_or_url"
+
+    def __init__(self, moments_shape, prompt_embeds_shape):
+        self.shapes = {MOMENTS_KEY: tuple(moments_shape), PROMPT_EMBEDS_KEY: tuple(prompt_embeds_shape)}
+
+    def select(self, raw_samples, stats: DataStats, on_sample):
+        for sample in raw_samples:
+            if sample.get(MOMENTS_KEY) is None or sample.get(PROMPT_EMBEDS_KEY) is None:
+                stats["no_latents"] += 1
+                continue
+            on_sample()
+            yield sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]
+
+    def decode(self, selected, rng: random.Random, stats: DataStats):
+        return decoded_samples(selected, lambda moments: self.load(MOMENTS_KEY, moments, stats), stats, "latents")
+
+    def collate(self, batch, stats: DataStats):
+        prompt_embeds = [self.load(PROMPT_EMBEDS_KEY, raw, stats) for _, raw in batch]
+        if any(embeds is None for embeds in prompt_embeds):
+            raise DataError(f"a latent shard holds {PROMPT_EMBEDS_KEY} that cannot be read")
+        return torch.stack([moments for moments, _ in batch]), torch.stack(prompt_embeds)
+
+    def load(self, key: str, raw: bytes, stats: DataStats):
+        try:
+            array = np.load(io.BytesIO(raw), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            stats["undecodable_latents"] += 1
+            return None
+        if array.shape != self.shapes[key]:
+            raise DataError(
+                f"the latent shards hold {key} of shape {array.shape} where this teacher and --resolution give "
+                f"{self.shapes[key]}: make them with the same teacher and --resolution (scripts/precompute_latents.py)"
+            )
+        return torch.from_numpy(array).float()
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """One segment of the training stream: ``batches_per_segment`` batches per process of
-    ``(pixels [B, 3, R, R], input_ids [B, 77], DataStats since the previous batch)``.
+    ``(*samples.collate(batch), DataStats since the previous batch)``, ``samples`` being an
+    ``ImageTextSamples`` or a ``LatentSamples``.
 
     Shards are drawn with replacement; set ``segment`` before each pass. Every loader worker
     of every process draws from its own RNG and, when there are at least as many shards as
     workers in all, from its own disjoint share of the shards, so no two read the same sample.
     """
 
-    def __init__(self, urls, transform, tokenizer, *, batch_size, batches_per_segment, shuffle_buffer, seed,
+    def __init__(self, urls, samples, *, batch_size, batches_per_segment, shuffle_buffer, seed,
                  process_index=0, num_processes=1):
         self.urls = list(urls)
-        self.transform = transform
-        self.tokenizer = tokenizer
+        self.samples = samples
         self.batch_size = batch_size
         self.batches_per_segment = batches_per_segment
         self.shuffle_buffer = shuffle_buffer
@@ -257,7 +349,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         worker, num_batches, urls = self.worker_shards()
         rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
-        # A run of this many shards in a row without one captioned image means the data is unusable.
+        # A run of this many shards in a row without one usable sample means the data is unusable.
         max_unusable_shards = min(max(8, 2 * len(urls)), 64)
         stats = DataStats()
         unusable_shards = 0
@@ -267,8 +359,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             while True:
                 if unusable_shards >= max_unusable_shards:
                     raise DataError(
-                        f"no captioned image in {unusable_shards} shards in a row of {len(urls)} "
-                        f"(skipped so far: {stats.summary() or 'nothing'}); check --train_shards_path_or_url"
+                        f"no {self.samples.usable} in {unusable_shards} shards in a row of {len(urls)} "
+                        f"(skipped so far: {stats.summary() or 'nothing'}); check {self.samples.flag}"
                     )
                 unusable_shards += 1
                 yield rng.choice(urls)
@@ -277,15 +369,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             nonlocal unusable_shards
             unusable_shards = 0
 
-        # Captions are checked before the shuffle buffer (cheap, and it keeps unusable samples out
-        # of it); images are decoded after it.
-        pairs = captioned_images(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
-        samples = decoded_images(shuffled(pairs, self.shuffle_buffer, rng), self.transform, rng, stats)
+        # Cheap checks happen before the shuffle buffer (they keep unusable samples out of it);
+        # decoding after it.
+        selected = self.samples.select(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
+        decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng), rng, stats)
         for _ in range(num_batches):
-            batch = [next(samples) for _ in range(self.batch_size)]
-            pixels = torch.stack([pixels for pixels, _ in batch])
-            input_ids = tokenize(self.tokenizer, [caption for _, caption in batch], stats)
-            yield pixels, input_ids, DataStats(stats)
+            batch = [next(decoded) for _ in range(self.batch_size)]
+            yield *self.samples.collate(batch, stats), DataStats(stats)
             stats.clear()
 
 

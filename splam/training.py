@@ -1,11 +1,12 @@
-"""The pieces of a SPLAM training step: the nets as training holds them, the optimizer, and the
-loss of one batch (SPEC section 3, steps 1 to 7). The training script and the throughput
-benchmark both run their steps through here.
+"""The pieces of a SPLAM training step: the nets as training holds them, the optimizer, a
+batch's latents and prompt embeddings (SPEC section 3, step 1) and its loss (steps 2 to 7).
+The training script and the throughput benchmark both run their steps through here.
 """
 
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae
 from .objective import (
@@ -105,17 +106,42 @@ def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:
     return text_encoder(input_ids.to(text_encoder.device))[0]
 
 
-def encode_images(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
-    """``z = vae.encode(pixels).latent_dist.sample() * scaling_factor``, in chunks of ``batch_size``."""
+def posterior_moments(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tensor:
+    """The VAE posterior of images: mean and log-variance stacked on the channel axis,
+    ``[B, 2C, h, w]`` (diffusers' ``DiagonalGaussianDistribution`` parameters), encoded in
+    chunks of ``batch_size``. ``scripts/precompute_latents.py`` stores these."""
     pixels = pixels.to(vae.device, vae.dtype, non_blocking=True)
-    latents = [vae.encode(chunk).latent_dist.sample() for chunk in pixels.split(batch_size)]
-    return torch.cat(latents).float() * vae.config.scaling_factor
+    return torch.cat([vae.encode(chunk).latent_dist.parameters for chunk in pixels.split(batch_size)])
 
 
-def splam_loss(pixels: torch.Tensor, input_ids: torch.Tensor, models: DistillationModels, args, autocast) -> torch.Tensor:
-    """The SPLAM loss of one batch, SPEC section 3 steps 1 to 7 (``autocast`` is the accelerator's).
+def sample_latents(moments: torch.Tensor, vae) -> torch.Tensor:
+    """``z = latent_dist.sample() * vae.config.scaling_factor``, drawn in float32."""
+    moments = moments.to(vae.device, torch.float32, non_blocking=True)
+    return DiagonalGaussianDistribution(moments).sample() * vae.config.scaling_factor
 
-    1. latents ``z`` and prompt embeddings ``c`` (a fraction of prompts emptied);
+
+@torch.no_grad()
+def encode_batch(inputs: torch.Tensor, conditioning: torch.Tensor, models: DistillationModels, args):
+    """SPEC step 1: the latents ``z`` and prompt embeddings ``c`` of a batch, with a fraction
+    ``--proportion_empty_prompts`` of the prompts replaced by the empty one.
+
+    An image batch is ``(pixels, token ids)`` and goes through the VAE and the text encoder; a
+    latent batch (``--train_latents_path_or_url``) is ``(posterior moments, prompt embeddings)``,
+    precomputed by the same functions, and only draws ``z``."""
+    dropped = torch.rand(len(conditioning)) < args.proportion_empty_prompts
+    if args.train_latents_path_or_url:
+        latents = sample_latents(inputs, models.vae)
+        prompt_embeds = conditioning.to(latents.device, torch.float32, non_blocking=True)
+        return latents, torch.where(dropped.to(latents.device)[:, None, None], models.uncond_prompt_embeds, prompt_embeds)
+    latents = sample_latents(posterior_moments(inputs, models.vae, args.vae_encode_batch_size), models.vae)
+    input_ids = torch.where(dropped[:, None], models.uncond_input_ids, conditioning)
+    return latents, encode_prompts(input_ids, models.text_encoder).float()
+
+
+def splam_loss(latents: torch.Tensor, prompt_embeds: torch.Tensor, models: DistillationModels, args, autocast) -> torch.Tensor:
+    """The SPLAM loss of one batch of latents ``z`` and prompt embeddings ``c`` (``encode_batch``),
+    SPEC section 3 steps 2 to 7 (``autocast`` is the accelerator's).
+
     2. a sub-path ``(ts, te)`` per sample and ``x_s = a(ts) z + s(ts) noise``;
     3. the teacher's CFG-guided DDIM step ``x_s -> x_e`` (cond and uncond in one batched call);
     4. the target's endpoint ``y_T`` from ``x_e`` at ``te``, at gamma = 1;
@@ -124,18 +150,15 @@ def splam_loss(pixels: torch.Tensor, input_ids: torch.Tensor, models: Distillati
     7. the distance of ``y_S`` to ``y_T`` (no gradient through the target side).
     """
     solver, time_cond_proj_dim = models.solver, models.target_unet.config.time_cond_proj_dim
-    with torch.no_grad():
-        latents = encode_images(pixels, models.vae, args.vae_encode_batch_size)
-        dropped = torch.rand(len(input_ids)) < args.proportion_empty_prompts
-        input_ids = torch.where(dropped[:, None], models.uncond_input_ids, input_ids)
-        prompt_embeds = encode_prompts(input_ids, models.text_encoder).float()
     batch_size, ndim = latents.shape[0], latents.ndim
 
     index = torch.randint(0, args.num_ddim_timesteps, (batch_size,), device=latents.device)
     start_timesteps, end_timesteps = solver.sub_path(index)
     alpha_start, sigma_start = solver.alpha_sigma(start_timesteps, ndim)
     alpha_end, sigma_end = solver.alpha_sigma(end_timesteps, ndim)
-    noise = torch.randn_like(latents)
+    # Drawn by shape, not randn_like: the draws must not depend on the latents' memory layout
+    # (the VAE's output strides differ from those of stored latents).
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     x_start = alpha_start * latents + sigma_start * noise
 
     teacher_unet, teacher_dtype = models.teacher_unet, models.teacher_unet.dtype

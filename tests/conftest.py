@@ -28,14 +28,15 @@ LEARNING_RATE = 1e-4
 WARMUP_STEPS = 8
 
 
-def training_command(teacher, shards, output_dir, *flags):
-    """``accelerate launch`` of the training script with the seed README's flags scaled down."""
+def training_command(teacher, shards, output_dir, *flags, source="--train_shards_path_or_url"):
+    """``accelerate launch`` of the training script with the seed README's flags scaled down;
+    ``shards`` go to the ``source`` flag."""
     return [
         *ACCELERATE_LAUNCH,
         "train_splam_distill_sd_wds.py",
         f"--pretrained_teacher_model={teacher}",
         f"--output_dir={output_dir}",
-        f"--train_shards_path_or_url={shards}",
+        f"{source}={shards}",
         f"--resolution={RESOLUTION}",
         f"--learning_rate={LEARNING_RATE}", "--loss_type=huber", "--ema_decay=0.95", "--adam_weight_decay=0.0",
         "--lr_scheduler=constant_with_warmup", f"--lr_warmup_steps={WARMUP_STEPS}",
@@ -45,9 +46,9 @@ def training_command(teacher, shards, output_dir, *flags):
     ]
 
 
-def launch(teacher, shards, output_dir, *flags, env=None):
+def launch(teacher, shards, output_dir, *flags, env=None, source="--train_shards_path_or_url"):
     """Run a training command to the end and check that it succeeded."""
-    result = run_script(*training_command(teacher, shards, output_dir, *flags), env=env)
+    result = run_script(*training_command(teacher, shards, output_dir, *flags, source=source), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 

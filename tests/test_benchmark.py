@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from splam.args import parse_args
 from splam.models import load_teacher_scheduler
-from splam.training import build_distillation_models, splam_loss
+from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
 
 from conftest import RESOLUTION, run_script
 
@@ -27,22 +27,37 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     assert figures["tflop_per_step"] > 0 and figures["samples_per_s"] == pytest.approx(2 / figures["s_per_step"]["median"])
 
 
-def fixed_step_loss(tiny_teacher, *flags):
-    """The fp32 loss of one step on a fixed batch with fixed random draws."""
-    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused",
+def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
+    """The fp32 loss of one step on a fixed batch with fixed random draws; ``from_latents`` feeds
+    the batch as precomputed posterior moments and prompt embeddings."""
+    source = "--train_latents_path_or_url=unused" if from_latents else "--train_shards_path_or_url=unused"
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", source,
                        "--max_train_steps=1", f"--resolution={RESOLUTION}", "--seed=0", *flags])
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
     generator = torch.Generator().manual_seed(1)
-    pixels = torch.rand((3, 3, RESOLUTION, RESOLUTION), generator=generator) * 2 - 1
-    input_ids = torch.randint(0, len(models.tokenizer), (3, 77), generator=generator)
+    inputs = torch.rand((3, 3, RESOLUTION, RESOLUTION), generator=generator) * 2 - 1
+    conditioning = torch.randint(0, len(models.tokenizer), (3, 77), generator=generator)
+    if from_latents:
+        with torch.no_grad():
+            inputs = posterior_moments(inputs, models.vae, batch_size=2)
+            conditioning = encode_prompts(conditioning, models.text_encoder)
     torch.manual_seed(2)
-    return splam_loss(pixels, input_ids, models, args, contextlib.nullcontext).item()
+    latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
+    return splam_loss(latents, prompt_embeds, models, args, contextlib.nullcontext).item()
 
 
 @pytest.mark.parametrize("option", ["--channels_last", "--torch_compile", "--gradient_checkpointing"])
 def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     reference = fixed_step_loss(tiny_teacher)
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
+
+
+def test_precomputed_latents_leave_the_loss_unchanged(tiny_teacher):
+    """Training from stored posterior moments and prompt embeddings is the same step as training
+    from images and captions: same z draw, same emptied prompts."""
+    for flags in ([], ["--proportion_empty_prompts=0.5"]):
+        reference = fixed_step_loss(tiny_teacher, *flags)
+        assert fixed_step_loss(tiny_teacher, *flags, from_latents=True) == pytest.approx(reference, rel=1e-5)
 
 
 def test_one_batched_teacher_call_equals_two(tiny_teacher):

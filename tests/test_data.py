@@ -1,6 +1,7 @@
 """The webdataset input over real tar files: decoding, the shard boundary, dirty data,
 and the segmented stream that makes resume exact."""
 
+import argparse
 import io
 import random
 
@@ -16,9 +17,9 @@ from splam.data import (
     DataError,
     MAX_UNDECODABLE_IN_A_ROW,
     DataStats,
+    ImageTextSamples,
     ImageTransform,
     ShardStream,
-    check_local_shards,
     captioned_images,
     decoded_images,
     expand_shard_urls,
@@ -26,6 +27,7 @@ from splam.data import (
     tar_samples,
     tokenize,
     train_batches,
+    train_shard_urls,
 )
 
 from conftest import RESOLUTION
@@ -68,10 +70,15 @@ def test_expand_shard_urls_braces_lists_and_pipes():
 
 
 def test_a_local_pattern_that_matches_nothing_is_refused(tmp_path, tiny_shards):
-    with pytest.raises(SetupError, match="matches no file"):
-        check_local_shards(expand_shard_urls(f"{tmp_path}/missing-{{000..003}}.tar"))
-    check_local_shards(expand_shard_urls(tiny_shards))
-    check_local_shards(expand_shard_urls("pipe:curl -s https://host/{0..3}.tar"))
+    def urls(images=None, latents=None):
+        return train_shard_urls(argparse.Namespace(train_shards_path_or_url=images, train_latents_path_or_url=latents))
+
+    with pytest.raises(SetupError, match="--train_shards_path_or_url matches no file"):
+        urls(images=f"{tmp_path}/missing-{{000..003}}.tar")
+    with pytest.raises(SetupError, match="--train_latents_path_or_url matches no file"):
+        urls(latents=f"{tmp_path}/missing-{{000..003}}.tar")
+    assert urls(images=tiny_shards) == expand_shard_urls(tiny_shards)
+    assert len(urls(latents="pipe:curl -s https://host/{0..3}.tar")) == 4
 
 
 def test_generated_shards_decode_to_normalised_pairs(tiny_shards):
@@ -208,7 +215,7 @@ def test_long_captions_are_truncated_and_counted(tokenizer):
 def shard_stream(urls, tokenizer, **overrides):
     options = dict(batch_size=3, batches_per_segment=4, shuffle_buffer=8, seed=7)
     options.update(overrides)
-    return ShardStream(urls, ImageTransform(RESOLUTION, random_flip=True), tokenizer, **options)
+    return ShardStream(urls, ImageTextSamples(ImageTransform(RESOLUTION, random_flip=True), tokenizer), **options)
 
 
 def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Precompute the VAE latents and prompt embeddings of image-text shards, for training with
+``--train_latents_path_or_url`` (no VAE encode and no text encoder in the training step).
+
+    python scripts/precompute_latents.py --pretrained_teacher_model=runwayml/stable-diffusion-v1-5 \\
+        --train_shards_path_or_url="data/{00000..00099}.tar" --output_dir=latents --resolution=512
+    accelerate launch train_splam_distill_sd_wds.py --train_latents_path_or_url="latents/{00000..00099}.tar" ...
+
+Input shard ``i`` becomes ``output_dir/{i:05d}.tar``. Every usable sample (the training's own
+checks, repairs and counters) becomes ``moments.npy`` (the VAE posterior's mean and
+log-variance, ``[2C, R/8, R/8]``; training draws a fresh ``z`` from it at every step),
+``prompt_embeds.npy`` (``[77, D]``) and its caption ``txt``. Crops (random unless
+``--center_crop``) and flips (``--random_flip``) are drawn once, here: in training they are
+fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_or_path``) and
+``--resolution``; other shapes are refused.
+
+Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
+shards ``i`` with ``i mod J = k``). Each shard is written under a temporary name and renamed
+when complete, and a rerun skips the shards already there.
+"""
+
+import argparse
+import io
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import webdataset as wds
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.data import (  # noqa: E402
+    MOMENTS_KEY,
+    PROMPT_EMBEDS_KEY,
+    DataStats,
+    ImageTransform,
+    captioned_images,
+    decoded_images,
+    expand_shard_urls,
+    tar_samples,
+    tokenize,
+)
+from splam.models import load_text_encoder_and_vae  # noqa: E402
+from splam.training import encode_prompts, posterior_moments  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained_teacher_model", required=True, help="The teacher that training will distil.")
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help="Another VAE, as in training.")
+    parser.add_argument("--teacher_revision", default=None)
+    parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--train_shards_path_or_url", required=True, help="Image-text shards, as in training.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--center_crop", action="store_true")
+    parser.add_argument("--random_flip", action="store_true", help="Flip half of the samples, once.")
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE and text-encoder call.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
+                        help="Precision of the VAE and text encoder here (on a GPU).")
+    parser.add_argument("--storage_dtype", choices=["float16", "float32"], default="float16",
+                        help="Precision of the stored arrays (float16 halves the disk; float32 is exact).")
+    parser.add_argument("--num_jobs", type=int, default=1)
+    parser.add_argument("--job_index", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the crops and flips of each shard.")
+    args = parser.parse_args(argv)
+    if args.resolution % 8 or not 0 <= args.job_index < args.num_jobs or args.batch_size < 1:
+        parser.error("--resolution must be a multiple of 8, 0 <= --job_index < --num_jobs and --batch_size >= 1")
+    return args
+
+
+def npy_bytes(array: torch.Tensor, dtype: str) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.float().cpu().numpy().astype(dtype), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def batched(iterable, size: int):
+    batch = []
+    for item in iterable:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats: DataStats) -> int:
+    """Encode ``(pixels, caption)`` samples in batches into the latent shard ``path``; returns the count."""
+    prefix, count = os.path.basename(path).split(".")[0], 0
+    partial = path + ".partial"
+    with wds.TarWriter(partial, encoder=False) as writer:
+        for batch in batched(samples, args.batch_size):
+            captions = [caption for _, caption in batch]
+            moments = posterior_moments(torch.stack([pixels for pixels, _ in batch]), vae, args.batch_size)
+            prompt_embeds = encode_prompts(tokenize(tokenizer, captions, stats), text_encoder)
+            for sample_moments, sample_embeds, caption in zip(moments, prompt_embeds, captions):
+                writer.write({
+                    "__key__": f"{prefix}_{count:06d}",
+                    MOMENTS_KEY: npy_bytes(sample_moments, args.storage_dtype),
+                    PROMPT_EMBEDS_KEY: npy_bytes(sample_embeds, args.storage_dtype),
+                    "txt": caption.encode("utf-8"),
+                })
+                count += 1
+    os.replace(partial, path)
+    return count
+
+
+def main(args):
+    urls = expand_shard_urls(args.train_shards_path_or_url)
+    os.makedirs(args.output_dir, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+    text_encoder.to(device, dtype)
+    vae.to(device, dtype)
+    transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
+    stats, written, started = DataStats(), 0, time.perf_counter()
+    mine = range(args.job_index, len(urls), args.num_jobs)
+    for done, index in enumerate(mine, start=1):
+        path = os.path.join(args.output_dir, f"{index:05d}.tar")
+        if os.path.exists(path):
+            continue
+        rng = random.Random(f"{args.seed}-{index}")
+        samples = decoded_images(captioned_images(tar_samples([urls[index]], stats), stats), transform, rng, stats)
+        written += write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats)
+        elapsed = time.perf_counter() - started
+        print(f"shard {done}/{len(mine)} ({path}): {written} samples in {elapsed:.0f} s, {written / elapsed:.1f}/s",
+              flush=True)
+    print(f"Data: {stats.report()}")
+    print(f"Train with --train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
+          f"--resolution={args.resolution} and the same teacher")
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,48 @@
+"""The student as one whole module, whether or not FSDP2 shards it.
+
+Under DDP and DeepSpeed ZeRO-2 every process holds the student's full parameters. Under
+FSDP2 (``fsdp_version: 2``) each holds a shard: its parameters are DTensors, and whatever
+reads the whole student (a checkpoint's ``unet/``, validation, the export) needs the
+shards gathered first, by every process together. Only the student is sharded: the
+teacher, the VAE, the text encoder and the EMA target stay whole on every process.
+"""
+
+import torch
+from accelerate.utils import DistributedType
+from diffusers import UNet2DConditionModel
+from torch.distributed.tensor import DTensor
+
+from .args import SetupError
+
+
+def check_fsdp_options(accelerator, args) -> None:
+    """FSDP1's flat parameters have no per-tensor view of the whole student (FSDP2's DTensors
+    have), and bitsandbytes' 8-bit AdamW cannot step DTensors."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise SetupError("FSDP needs fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
+    if args.use_8bit_adam:
+        raise SetupError("--use_8bit_adam does not work under FSDP (bitsandbytes cannot step sharded parameters); "
+                         "FSDP shards the AdamW states instead")
+
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The full value of a possibly sharded tensor (a collective for a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def whole_student(accelerator, unet):
+    """The student as a plain ``UNet2DConditionModel``: the unwrapped module itself where it is
+    whole; under FSDP2 a float32 copy on the CPU, gathered by all processes and returned on the
+    main one (``None`` elsewhere). Every process must call it."""
+    student = accelerator.unwrap_model(unet)
+    if not any(isinstance(parameter, DTensor) for parameter in student.parameters()):
+        return student
+    state_dict = accelerator.get_state_dict(unet)
+    if not accelerator.is_main_process:
+        return None
+    with torch.device("meta"):
+        copy = UNet2DConditionModel.from_config(student.config)
+    copy.load_state_dict(state_dict, assign=True)
+    return copy.float()

@@ -1,0 +1,86 @@
+"""Precomputed latents: scripts/precompute_latents.py on real shards, then training from them."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from diffusers import AutoencoderKL, DiffusionPipeline
+
+from conftest import RESOLUTION, launch, logged_scalars, run_script, training_command
+
+LATENTS = "--train_latents_path_or_url"
+
+
+@pytest.fixture(scope="module")
+def latent_shards(tiny_teacher, tiny_shards, tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("latents"))
+    result = run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={tiny_teacher}",
+                        f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={output_dir}",
+                        f"--resolution={RESOLUTION}", "--random_flip", "--batch_size=5")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir, result
+
+
+def test_every_sample_becomes_moments_and_prompt_embeds(latent_shards, tiny_teacher):
+    output_dir, result = latent_shards
+    shards = sorted(glob.glob(os.path.join(output_dir, "*.tar")))
+    assert [os.path.basename(path) for path in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    assert f'{LATENTS}="{output_dir}/{{00000..00002}}.tar"' in result.stdout
+    vae = AutoencoderKL.from_pretrained(tiny_teacher, subfolder="vae")
+    latent_size = RESOLUTION // 2 ** (len(vae.config.block_out_channels) - 1)
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode())
+    assert len(samples) == 36  # 3 shards x 12 captioned images
+    for sample in samples:
+        assert sample["moments.npy"].shape == (2 * vae.config.latent_channels, latent_size, latent_size)
+        assert sample["moments.npy"].dtype == np.float16 and np.isfinite(sample["moments.npy"]).all()
+        assert sample["prompt_embeds.npy"].shape[0] == 77 and sample["txt"]
+    # A rerun finds every shard done and writes nothing.
+    mtimes = [os.path.getmtime(path) for path in shards]
+    rerun = run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={tiny_teacher}",
+                       f"--train_shards_path_or_url={os.path.dirname(shards[0])}/{{00000..00002}}.tar",
+                       f"--output_dir={output_dir}", f"--resolution={RESOLUTION}")
+    assert rerun.returncode == 0 and mtimes == [os.path.getmtime(path) for path in shards]
+
+
+def test_training_from_latents_resumes_exactly_and_exports(latent_shards, tiny_teacher, tmp_path):
+    output_dir = latent_shards[0]
+    spec = f"{output_dir}/{{00000..00002}}.tar"
+    flags = ["--checkpointing_steps=2", "--resume_from_checkpoint=latest", "--proportion_empty_prompts=0.3",
+             "--mixed_precision=no"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    launch(tiny_teacher, spec, straight, "--max_train_steps=4", *flags, source=LATENTS)
+    launch(tiny_teacher, spec, resumed, "--max_train_steps=2", *flags, source=LATENTS)
+    second = launch(tiny_teacher, spec, resumed, "--max_train_steps=4", *flags, source=LATENTS)
+    assert "Resuming from" in second.stderr
+    (straight_losses,) = logged_scalars(straight, "loss")
+    resumed_losses = logged_scalars(resumed, "loss")[-1]
+    assert sorted(resumed_losses) == [3, 4]
+    assert all(resumed_losses[step] == straight_losses[step] for step in (3, 4))
+    pipeline = DiffusionPipeline.from_pretrained(resumed)
+    image = pipeline("a cup of coffee", num_inference_steps=2, guidance_scale=1, output_type="pt").images
+    assert torch.isfinite(image).all()
+
+
+def test_latents_of_another_resolution_are_refused(latent_shards, tiny_teacher, tmp_path):
+    command = training_command(tiny_teacher, f"{latent_shards[0]}/{{00000..00002}}.tar", str(tmp_path / "out"),
+                               "--max_train_steps=2", f"--resolution={2 * RESOLUTION}", source=LATENTS)
+    result = run_script(*command[command.index("train_splam_distill_sd_wds.py"):])
+    assert result.returncode == 1
+    assert "error: the latent shards hold moments.npy of shape" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--center_crop", "--random_flip"])
+def test_crop_and_flip_flags_are_refused_with_latents(flag, capsys):
+    from splam.args import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_teacher_model=t", f"{LATENTS}=x.tar", "--max_train_steps=1", flag])
+    assert f"{flag} has no effect on {LATENTS}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_teacher_model=t", f"{LATENTS}=x.tar", "--train_shards_path_or_url=y.tar",
+                    "--max_train_steps=1"])
+    assert "not allowed with argument" in capsys.readouterr().err
