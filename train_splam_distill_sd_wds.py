@@ -94,8 +94,8 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
-    check_optional_dependencies(args)
     check_fsdp_options(accelerator, args)
+    check_optional_dependencies(args)
     shard_urls = train_shard_urls(args)
     resume_path = agree_on_resume_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
     resume_state = read_training_state(resume_path) if resume_path else None
@@ -185,21 +185,22 @@ def main(args):
         batches_seen += 1
         data_stats.update(batch_stats)
         with accelerator.accumulate(unet):
-            # 1. Latents z and prompt embeddings c. 2-7. The SPLAM loss (splam.training.splam_loss),
-            # then an optimizer step unless the loss or the gradient is not finite (under fp16 grad
-            # scaling, inf gradients are the scaler's to skip).
+            # 1. Latents z and prompt embeddings c. 2-7. The SPLAM loss (splam.training.splam_loss).
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
             loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
-            step_is_finite = True
-            loss_value = loss.item()  # one host sync for the loss, shared by the finiteness check and the log
             if accelerator.sync_gradients:
+                # The loss averaged over processes (one host sync per step, for the checks and the log):
+                # NaN or inf anywhere makes it so everywhere, and the gradients are reduced, so every
+                # process takes the same decisions below (under FSDP2 they include collectives).
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 # DeepSpeed clips inside its engine and returns no norm.
-                step_is_finite = math.isfinite(loss_value) and (
-                    accelerator.scaler is not None or grad_norm is None or bool(torch.isfinite(grad_norm))
-                )
-                if step_is_finite:
+                grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+                # Under fp16 grad scaling the scaler skips steps with inf gradients itself (and lowers
+                # its scale), so it always gets the step; otherwise non-finite steps are not taken.
+                step_called = accelerator.scaler is not None or (math.isfinite(loss_value) and grads_finite)
+                if step_called:
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -207,8 +208,10 @@ def main(args):
         if not accelerator.sync_gradients:
             continue
         # 8. The target follows the student, on every optimizer step that was taken.
-        if step_is_finite and not accelerator.optimizer_step_was_skipped:
+        if step_called and not accelerator.optimizer_step_was_skipped:
             update_ema(target_unet.parameters(), accelerator.unwrap_model(unet).parameters(), args.ema_decay)
+        # While the grad scaler settles, inf gradients are normal: only a non-finite loss counts then.
+        step_is_finite = math.isfinite(loss_value) and (accelerator.scaler is not None or grads_finite)
         global_step += 1
         progress_bar.update(1)
         nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
@@ -252,6 +255,7 @@ def main(args):
                     lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
                     args, global_step,
                 )
+            del student  # under FSDP2 a gathered copy: not kept on the main GPU until the next validation
     progress_bar.close()
     if data_stats.total():
         logger.info(f"Data in all: {data_stats.report()}")

@@ -67,8 +67,9 @@ def training_args(teacher_dir, options, extra):
 
 
 def synthetic_batch(args, models, device):
-    """Random images and token ids, or with ``--train_latents_path_or_url`` what the latent shards
-    would hold for them (float16 moments and prompt embeddings), on the device."""
+    """Random images (on the device) and token ids (on the CPU, where the loader leaves them), or
+    with ``--train_latents_path_or_url`` what the latent shards would hold for them (float16
+    moments and prompt embeddings, on the device)."""
     generator = torch.Generator().manual_seed(0)
     pixels = torch.rand((args.train_batch_size, 3, args.resolution, args.resolution), generator=generator) * 2 - 1
     input_ids = torch.randint(0, len(models.tokenizer), (args.train_batch_size, models.tokenizer.model_max_length),

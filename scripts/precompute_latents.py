@@ -16,7 +16,8 @@ fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_
 
 Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
 shards ``i`` with ``i mod J = k``). Each shard is written under a temporary name and renamed
-when complete, and a rerun skips the shards already there.
+when complete; a shard that cannot be read to the end is left out (the run then exits with an
+error naming it), and a rerun skips the shards already there and retries the others.
 """
 
 import argparse
@@ -90,10 +91,9 @@ def batched(iterable, size: int):
 
 @torch.no_grad()
 def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats: DataStats) -> int:
-    """Encode ``(pixels, caption)`` samples in batches into the latent shard ``path``; returns the count."""
+    """Encode ``(pixels, caption)`` samples in batches into the tar file ``path``; returns the count."""
     prefix, count = os.path.basename(path).split(".")[0], 0
-    partial = path + ".partial"
-    with wds.TarWriter(partial, encoder=False) as writer:
+    with wds.TarWriter(path, encoder=False) as writer:
         for batch in batched(samples, args.batch_size):
             captions = [caption for _, caption in batch]
             moments = posterior_moments(torch.stack([pixels for pixels, _ in batch]), vae, args.batch_size)
@@ -106,7 +106,6 @@ def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats:
                     "txt": caption.encode("utf-8"),
                 })
                 count += 1
-    os.replace(partial, path)
     return count
 
 
@@ -119,19 +118,30 @@ def main(args):
     text_encoder.to(device, dtype)
     vae.to(device, dtype)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    stats, written, started = DataStats(), 0, time.perf_counter()
+    stats, written, failed, started = DataStats(), 0, [], time.perf_counter()
     mine = range(args.job_index, len(urls), args.num_jobs)
     for done, index in enumerate(mine, start=1):
         path = os.path.join(args.output_dir, f"{index:05d}.tar")
         if os.path.exists(path):
             continue
-        rng = random.Random(f"{args.seed}-{index}")
-        samples = decoded_images(captioned_images(tar_samples([urls[index]], stats), stats), transform, rng, stats)
-        written += write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats)
+        rng, shard_stats = random.Random(f"{args.seed}-{index}"), DataStats()
+        samples = decoded_images(captioned_images(tar_samples([urls[index]], shard_stats), shard_stats), transform,
+                                 rng, shard_stats)
+        count = write_latent_shard(path + ".partial", samples, tokenizer, text_encoder, vae, args, shard_stats)
+        stats.update(shard_stats)
+        if shard_stats["bad_shard"]:
+            # Unread or cut short (network, disk): not marked done, so that a rerun tries it again.
+            os.remove(path + ".partial")
+            failed.append(urls[index])
+            continue
+        os.replace(path + ".partial", path)
+        written += count
         elapsed = time.perf_counter() - started
         print(f"shard {done}/{len(mine)} ({path}): {written} samples in {elapsed:.0f} s, {written / elapsed:.1f}/s",
               flush=True)
     print(f"Data: {stats.report()}")
+    if failed:
+        sys.exit(f"error: {len(failed)} shards could not be read to the end (first: {failed[0]}); run again to retry them")
     print(f"Train with --train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
           f"--resolution={args.resolution} and the same teacher")
 

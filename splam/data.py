@@ -290,29 +290,31 @@ class LatentSamples:
                 stats["no_latents"] += 1
                 continue
             on_sample()
-            yield sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]
+            yield (sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]), None
 
     def decode(self, selected, rng: random.Random, stats: DataStats):
-        return decoded_samples(selected, lambda moments: self.load(MOMENTS_KEY, moments, stats), stats, "latents")
+        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples")
 
     def collate(self, batch, stats: DataStats):
-        prompt_embeds = [self.load(PROMPT_EMBEDS_KEY, raw, stats) for _, raw in batch]
-        if any(embeds is None for embeds in prompt_embeds):
-            raise DataError(f"a latent shard holds {PROMPT_EMBEDS_KEY} that cannot be read")
-        return torch.stack([moments for moments, _ in batch]), torch.stack(prompt_embeds)
+        return tuple(torch.stack(arrays) for arrays in zip(*(arrays for arrays, _ in batch)))
 
-    def load(self, key: str, raw: bytes, stats: DataStats):
-        try:
-            array = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (OSError, ValueError, EOFError):
-            stats["undecodable_latents"] += 1
-            return None
-        if array.shape != self.shapes[key]:
-            raise DataError(
-                f"the latent shards hold {key} of shape {array.shape} where this teacher and --resolution give "
-                f"{self.shapes[key]}: make them with the same teacher and --resolution (scripts/precompute_latents.py)"
-            )
-        return torch.from_numpy(array).float()
+    def load(self, raw_arrays, stats: DataStats):
+        """``(moments, prompt_embeds)`` in float32 (a few hundred KB a sample: the copy to the
+        device is cheap next to a step, and shards of either storage dtype mix), or ``None``."""
+        arrays = []
+        for key, raw in zip((MOMENTS_KEY, PROMPT_EMBEDS_KEY), raw_arrays):
+            try:
+                array = np.load(io.BytesIO(raw), allow_pickle=False)
+            except (OSError, ValueError, EOFError):
+                stats["undecodable_latents"] += 1
+                return None
+            if array.shape != self.shapes[key]:
+                raise DataError(
+                    f"the latent shards hold {key} of shape {array.shape} where this teacher and --resolution give "
+                    f"{self.shapes[key]}: make them with the same teacher and --resolution (scripts/precompute_latents.py)"
+                )
+            arrays.append(torch.from_numpy(array).float())
+        return tuple(arrays)
 
 
 class ShardStream(torch.utils.data.IterableDataset):

@@ -94,7 +94,10 @@ def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionMo
     missing, unexpected = student.load_state_dict(weights, strict=False)
     if unexpected or any(not name.startswith("time_embedding.cond_proj") for name in missing):
         raise TeacherError(f"the teacher's UNet does not fit the student: missing {missing}, unexpected {unexpected}")
-    if missing and args.time_cond_proj_init == "zero":
+    if args.time_cond_proj_init == "zero":
+        if not missing:
+            raise TeacherError("--time_cond_proj_init zero: the teacher's UNet has a time-conditioning projection "
+                               f"already (time_cond_proj_dim={time_cond_proj_dim}), which the student keeps")
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     student.train()
     return student

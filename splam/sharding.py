@@ -10,21 +10,30 @@ teacher, the VAE, the text encoder and the EMA target stay whole on every proces
 import torch
 from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
+from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
 from .args import SetupError
 
 
 def check_fsdp_options(accelerator, args) -> None:
-    """FSDP1's flat parameters have no per-tensor view of the whole student (FSDP2's DTensors
-    have), and bitsandbytes' 8-bit AdamW cannot step DTensors."""
+    """Refuse what does not work with a sharded student: FSDP1 (its flat parameters have no
+    per-tensor view of the whole student; FSDP2's DTensors have), bitsandbytes' 8-bit AdamW
+    (it cannot step DTensors), channels-last weights (``fully_shard`` takes contiguous
+    parameters only) and parameter offloading (untested: the EMA's gathers would run on CPU
+    shards)."""
     if accelerator.distributed_type != DistributedType.FSDP:
         return
-    if accelerator.state.fsdp_plugin.fsdp_version != 2:
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
         raise SetupError("FSDP needs fsdp_version: 2 in the accelerate config (see configs/fsdp.yaml)")
     if args.use_8bit_adam:
         raise SetupError("--use_8bit_adam does not work under FSDP (bitsandbytes cannot step sharded parameters); "
                          "FSDP shards the AdamW states instead")
+    if args.channels_last:
+        raise SetupError("--channels_last does not work under FSDP2, which shards contiguous parameters only")
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+        raise SetupError("fsdp_offload_params is not supported: set it to false (see configs/fsdp.yaml)")
 
 
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:

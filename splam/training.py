@@ -55,7 +55,9 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
     teacher_unet.to(accelerator.device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
-    target_unet.to(accelerator.device)
+    # The student goes to the device before the optimizer is made, so that AdamW takes its fused kernel there.
+    for model in (unet, target_unet):
+        model.to(accelerator.device)
     if args.channels_last:
         for model in (vae, teacher_unet, unet, target_unet):
             model.to(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """Precomputed latents: scripts/precompute_latents.py on real shards, then training from them."""
 
 import glob
+import io
 import os
 
 import numpy as np
@@ -8,6 +9,8 @@ import pytest
 import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DiffusionPipeline
+
+from splam.data import LatentSamples, ShardStream
 
 from conftest import RESOLUTION, launch, logged_scalars, run_script, training_command
 
@@ -84,3 +87,40 @@ def test_crop_and_flip_flags_are_refused_with_latents(flag, capsys):
         parse_args(["--pretrained_teacher_model=t", f"{LATENTS}=x.tar", "--train_shards_path_or_url=y.tar",
                     "--max_train_steps=1"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def npy(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_latent_samples_without_arrays_or_with_junk_are_skipped_and_counted(tmp_path):
+    moments, embeds = np.ones((2, 2, 2), np.float16), np.ones((3, 4), np.float16)
+    samples = [
+        {"__key__": "good0", "moments.npy": npy(moments), "prompt_embeds.npy": npy(embeds)},
+        {"__key__": "noembeds", "moments.npy": npy(moments)},
+        {"__key__": "junk", "moments.npy": npy(moments), "prompt_embeds.npy": b"not an array"},
+        {"__key__": "good1", "moments.npy": npy(2 * moments), "prompt_embeds.npy": npy(embeds.astype(np.float32))},
+    ]
+    path = str(tmp_path / "latents.tar")
+    with wds.TarWriter(path) as writer:
+        for sample in samples:
+            writer.write(sample)
+    stream = ShardStream([path], LatentSamples((2, 2, 2), (3, 4)), batch_size=2, batches_per_segment=1,
+                         shuffle_buffer=1, seed=0)
+    ((batch_moments, batch_embeds, stats),) = list(stream)
+    assert batch_moments.dtype == batch_embeds.dtype == torch.float32
+    assert sorted(batch_moments.sum(dim=(1, 2, 3)).tolist()) == [8.0, 16.0]
+    assert stats["no_latents"] == 1 and stats["undecodable_latents"] == 1
+
+
+def test_precompute_leaves_out_a_shard_it_cannot_read(tiny_teacher, tiny_shards, tmp_path):
+    """A shard that cannot be read is not written (so a rerun retries it), and the run says so."""
+    output_dir = str(tmp_path / "latents")
+    spec = tiny_shards.replace("{00000..00002}", "{00001..00003}")  # 00003 does not exist
+    result = run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={tiny_teacher}",
+                        f"--train_shards_path_or_url={spec}", f"--output_dir={output_dir}", f"--resolution={RESOLUTION}")
+    assert result.returncode == 1
+    assert "error: 1 shards could not be read to the end (first: " in result.stderr and "00003.tar" in result.stderr
+    assert sorted(os.listdir(output_dir)) == ["00000.tar", "00001.tar"]

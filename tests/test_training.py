@@ -189,3 +189,14 @@ def test_time_cond_proj_init(tiny_teacher, init):
         got = student(sample, timesteps, context,
                       timestep_cond=gamma_embedding(gamma, student.config.time_cond_proj_dim)).sample
     assert torch.allclose(got, expected, atol=1e-6) == (init == "zero")
+
+
+def test_zero_init_is_refused_for_a_teacher_that_has_the_projection(tiny_teacher):
+    from splam.models import TeacherError, build_student
+
+    args = parse_args(["--pretrained_teacher_model", tiny_teacher, "--train_shards_path_or_url", "unused.tar",
+                       "--max_train_steps=1", "--time_cond_proj_init=zero"])
+    config = UNet2DConditionModel.load_config(tiny_teacher, subfolder="unet")
+    teacher = UNet2DConditionModel.from_config(config, time_cond_proj_dim=16)
+    with pytest.raises(TeacherError, match="has a time-conditioning projection already"):
+        build_student(args, teacher)
