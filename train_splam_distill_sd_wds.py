@@ -45,7 +45,14 @@ from splam.export import export_pipeline
 from splam.hub import HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
 from splam.sharding import check_fsdp_options, whole_student
-from splam.training import build_distillation_models, encode_batch, make_optimizer, optimizer_name, splam_loss
+from splam.training import (
+    build_distillation_models,
+    encode_batch,
+    make_optimizer,
+    optimizer_name,
+    read_loss_and_grad_norm,
+    splam_loss,
+)
 from splam.validation import log_validation
 
 logger = get_logger(__name__)
@@ -190,13 +197,12 @@ def main(args):
             loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                # The loss averaged over processes (one host sync per step, for the checks and the log):
-                # NaN or inf anywhere makes it so everywhere, and the gradients are reduced, so every
-                # process takes the same decisions below (under FSDP2 they include collectives).
-                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                # DeepSpeed clips inside its engine and returns no norm.
-                grads_finite = grad_norm is None or bool(torch.isfinite(grad_norm))
+                # The loss averaged over processes and the reduced gradient norm, in one host sync:
+                # NaN or inf anywhere makes them so everywhere, so every process takes the same
+                # decisions below (under FSDP2 they include collectives).
+                loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)
+                grads_finite = grad_norm_value is None or math.isfinite(grad_norm_value)
                 # Under fp16 grad scaling the scaler skips steps with inf gradients itself (and lowers
                 # its scale), so it always gets the step; otherwise non-finite steps are not taken.
                 step_called = accelerator.scaler is not None or (math.isfinite(loss_value) and grads_finite)
@@ -224,6 +230,8 @@ def main(args):
                 )
         logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                 "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
+        if grad_norm_value is not None:
+            logs["grad_norm"] = grad_norm_value
         progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
         accelerator.log(logs, step=global_step)
 

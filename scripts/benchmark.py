@@ -1,42 +1,62 @@
 #!/usr/bin/env python
-"""Throughput of the real SPLAM training step, on synthetic data.
+"""Throughput of SPLAM training: the real step on synthetic data, or the training script end to end.
 
     python scripts/benchmark.py --preset sd15 --batch_size 12 --resolution 512 --mode readme
+    python scripts/benchmark.py --preset sd15 --batch_size 12 --resolution 512 --mode readme --data shards
     python scripts/benchmark.py --preset tiny --batch_size 4 --resolution 64 --steps 5      # a CPU check
 
 Builds the teacher offline (``scripts/make_tiny_teacher.py --preset``: ``sd15`` is the full
-SD 1.5 architecture with random weights), then runs the training script's own step
-(``splam.training.encode_batch`` and ``splam_loss``, backward, clipping, optimizer, EMA) for
-``--warmup`` plus ``--steps`` timed steps on a random batch already on the device, and prints
-s/step (median, min, max), samples/s, peak memory, the FLOPs of a step (counted by
-``torch.utils.flop_counter`` on the first step), achieved TFLOP/s and, given
-``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak rate).
+SD 1.5 architecture with random weights), then measures ``--steps`` steps after ``--warmup``
+untimed ones and prints s/step (median, min, max), samples/s and peak memory.
 
-Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-bit Adam) on
-images and token ids; ``fast`` trains from precomputed latents and prompt embeddings
-(``--train_latents_path_or_url``: no VAE encode or text encoder in the step), drops
-checkpointing and 8-bit Adam and adds a half-precision teacher, channels-last and
+``--data synthetic`` (the default) runs the training script's own step
+(``splam.training.encode_batch`` and ``splam_loss``, backward, clipping, the read-back of the
+loss and gradient norm, optimizer, EMA) on a
+random batch already on the device, timed with CUDA events on a GPU; it also prints the FLOPs
+of a step (counted by ``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s
+and, given ``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak).
+
+``--data shards`` is the end-to-end figure: it writes JPEG shards at the resolution
+(``scripts/make_shards.py``; for ``--mode fast`` also their latents,
+``scripts/precompute_latents.py``) and runs the training script itself on them, with its
+loader workers, host-to-device copies, logging and progress bar. The time of a step is the
+interval between the wall times of consecutive steps in its tensorboard log (the loss is
+read back on every step, so those follow the device).
+
+Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-bit Adam, 8
+loader workers) on images and token ids; ``fast`` trains from precomputed latents and prompt
+embeddings (``--train_latents_path_or_url``: no VAE encode or text encoder in the step),
+drops checkpointing and 8-bit Adam and adds a half-precision teacher, channels-last and
 torch.compile. Any training flag can be added after ``--``.
 """
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 
+import accelerate
+import diffusers
 import torch
+import transformers
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS)
 sys.path.insert(0, os.path.dirname(SCRIPTS))
-from make_tiny_teacher import make_teacher  # noqa: E402
+import precompute_latents  # noqa: E402
+from make_shards import write_shards  # noqa: E402
+from make_tiny_teacher import cached_teacher  # noqa: E402
 
+import train_splam_distill_sd_wds  # noqa: E402
 from splam import update_ema  # noqa: E402
 from splam.args import parse_args  # noqa: E402
 from splam.models import load_teacher_scheduler  # noqa: E402
@@ -46,24 +66,26 @@ from splam.training import (  # noqa: E402
     encode_prompts,
     make_optimizer,
     posterior_moments,
+    read_loss_and_grad_norm,
     splam_loss,
 )
 
+# Per mode: the flag that names the training data, and the speed flags.
 MODES = {
-    "readme": ["--train_shards_path_or_url=synthetic", "--gradient_checkpointing", "--use_8bit_adam"],
-    "fast": ["--train_latents_path_or_url=synthetic", "--cast_teacher_unet", "--channels_last", "--torch_compile"],
+    "readme": ("--train_shards_path_or_url", ["--gradient_checkpointing", "--use_8bit_adam"]),
+    "fast": ("--train_latents_path_or_url", ["--cast_teacher_unet", "--channels_last", "--torch_compile"]),
 }
+README_LOADER_WORKERS = 8
 
 
-def training_args(teacher_dir, options, extra):
-    flags = [
-        f"--pretrained_teacher_model={teacher_dir}", "--max_train_steps=1",
-        f"--resolution={options.resolution}", f"--train_batch_size={options.batch_size}", "--learning_rate=8e-6",
-        "--loss_type=huber", "--adam_weight_decay=0.0", *MODES[options.mode], *extra,
-    ]
-    if options.mixed_precision:
-        flags.append(f"--mixed_precision={options.mixed_precision}")
-    return parse_args(flags)
+def training_args(teacher_dir, options, data_url, *flags):
+    source_flag, speed_flags = MODES[options.mode]
+    return parse_args([
+        f"--pretrained_teacher_model={teacher_dir}", f"{source_flag}={data_url}",
+        f"--resolution={options.resolution}", f"--train_batch_size={options.batch_size}",
+        f"--mixed_precision={options.mixed_precision}", "--learning_rate=8e-6", "--loss_type=huber",
+        "--ema_decay=0.95", "--adam_weight_decay=0.0", *speed_flags, *flags,
+    ])
 
 
 def synthetic_batch(args, models, device):
@@ -105,32 +127,13 @@ class Timer:
             self.seconds = time.perf_counter() - self.started
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--mode", choices=sorted(MODES), default="readme")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                        help="Default: fp16 on CUDA, no on a CPU.")
-    parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation, allocator, cuDNN).")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
-    parser.add_argument("--teacher_dir", default=None, help="Reuse a teacher folder (built there if missing).")
-    parser.add_argument("--out", default=None, help="Also write the figures as JSON.")
-    options, extra = parser.parse_known_args()
-    extra = [flag for flag in extra if flag != "--"]
-
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=options.mixed_precision or ("fp16" if torch.cuda.is_available() else "no"))
-    teacher_dir = options.teacher_dir or os.path.join(tempfile.gettempdir(), f"splam-benchmark-{options.preset}")
-    if not os.path.exists(os.path.join(teacher_dir, "model_index.json")):
-        make_teacher(teacher_dir, options.preset)
-    args = training_args(teacher_dir, options, extra)
-    teacher_scheduler = load_teacher_scheduler(args)
+def measure_step(options, extra, teacher_dir):
+    """Step times on a synthetic batch, and the FLOPs of a step (None under torch.compile, which
+    the counter cannot see through)."""
+    accelerator = accelerate.Accelerator(mixed_precision=options.mixed_precision)
+    args = training_args(teacher_dir, options, "synthetic", "--max_train_steps=1", *extra)
     torch.manual_seed(0)
-    models = build_distillation_models(args, accelerator, teacher_scheduler)
+    models = build_distillation_models(args, accelerator, load_teacher_scheduler(args))
     optimizer = make_optimizer(args, models.unet.parameters())
     models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
     inputs, conditioning = synthetic_batch(args, models, accelerator.device)
@@ -141,7 +144,8 @@ def main():
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
             loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
-            accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
+            read_loss_and_grad_norm(accelerator, loss, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(), args.ema_decay)
@@ -157,17 +161,89 @@ def main():
         with Timer(accelerator.device) as timer:
             step()
         times.append(timer.seconds)
+    return times, flops_per_step
+
+
+def logged_step_times(logging_dir):
+    """Intervals between the wall times of consecutive steps in the run's tensorboard log."""
+    (path,) = glob.glob(os.path.join(logging_dir, "*", "events.out.tfevents.*"))
+    accumulator = EventAccumulator(path)
+    accumulator.Reload()
+    wall_times = [event.wall_time for event in sorted(accumulator.Scalars("loss"), key=lambda event: event.step)]
+    return [later - earlier for earlier, later in zip(wall_times, wall_times[1:])]
+
+
+def measure_training(options, extra, teacher_dir, work_dir):
+    """Step times of the training script itself, run in this process on JPEG shards (or on the
+    latent shards made from them), with the README's 8 loader workers unless ``extra`` says
+    otherwise. The first ``warmup`` intervals (and the first step, which has none) are dropped."""
+    num_shards = 8
+    write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
+    data_url = os.path.join(work_dir, "shards", f"{{00000..{num_shards - 1:05d}}}.tar")
+    if options.mode == "fast":
+        precompute_latents.main(precompute_latents.parse_args([
+            f"--pretrained_teacher_model={teacher_dir}", f"--train_shards_path_or_url={data_url}",
+            f"--output_dir={os.path.join(work_dir, 'latents')}", f"--resolution={options.resolution}",
+            f"--mixed_precision={options.mixed_precision}",
+        ]))
+        data_url = os.path.join(work_dir, "latents", f"{{00000..{num_shards - 1:05d}}}.tar")
+    output_dir = os.path.join(work_dir, "run")
+    never = str(10**9)
+    args = training_args(
+        teacher_dir, options, data_url,
+        f"--output_dir={output_dir}", f"--max_train_steps={1 + options.warmup + options.steps}",
+        f"--dataloader_num_workers={README_LOADER_WORKERS}", "--report_to=tensorboard",
+        f"--checkpointing_steps={never}", f"--validation_steps={never}", *extra,
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    train_splam_distill_sd_wds.main(args)
+    return logged_step_times(os.path.join(output_dir, args.logging_dir))[options.warmup:]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--mode", choices=sorted(MODES), default="readme")
+    parser.add_argument("--data", choices=["synthetic", "shards"], default="synthetic",
+                        help="synthetic: the step alone on a batch on the device; shards: the training script end to end.")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="Default: fp16 on CUDA, no on a CPU.")
+    parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation, allocator, cuDNN).")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
+    parser.add_argument("--teacher_dir", default=None, help="A teacher folder to reuse, built there if it does not exist.")
+    parser.add_argument("--out", default=None, help="Also write the figures as JSON.")
+    options, extra = parser.parse_known_args()
+    extra = [flag for flag in extra if flag != "--"]
+    cuda = torch.cuda.is_available()
+    options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
+
+    teacher_dir = cached_teacher(options.preset, options.teacher_dir)
+    flops_per_step = None
+    if options.data == "synthetic":
+        times, flops_per_step = measure_step(options, extra, teacher_dir)
+    else:
+        work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
+        try:
+            times = measure_training(options, extra, teacher_dir, work_dir)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
     median = statistics.median(times)
+    device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU"
     figures = {
-        "preset": options.preset, "mode": options.mode, "batch_size": args.train_batch_size, "resolution": args.resolution,
-        "mixed_precision": accelerator.mixed_precision, "flags": sys.argv[1:],
-        "s_per_step": {"median": median, "min": min(times), "max": max(times)},
-        "samples_per_s": args.train_batch_size / median,
-        "device": torch.cuda.get_device_name() if accelerator.device.type == "cuda" else f"{platform.machine()} CPU",
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+        "preset": options.preset, "mode": options.mode, "data": options.data, "batch_size": options.batch_size,
+        "resolution": options.resolution, "mixed_precision": options.mixed_precision, "flags": sys.argv[1:],
+        "s_per_step": {"median": median, "min": min(times), "max": max(times)}, "timed_steps": len(times),
+        "samples_per_s": options.batch_size / median,
+        "device": device,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
-    if accelerator.device.type == "cuda":
+    if cuda:
         figures["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
         figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -177,11 +253,11 @@ def main():
         if options.peak_tflops:
             figures["fraction_of_floor"] = (flops_per_step / (options.peak_tflops * 1e12)) / median
     memory = figures.get("peak_memory_gib", figures.get("peak_rss_gib"))
-    print(f"{figures['device']}, torch {torch.__version__}, {options.preset} preset, {options.mode} mode, "
-          f"batch {args.train_batch_size} at {args.resolution} px, {accelerator.mixed_precision}")
+    print(f"{device}, torch {torch.__version__}, {options.preset} preset, {options.mode} mode, {options.data} data, "
+          f"batch {options.batch_size} at {options.resolution} px, {options.mixed_precision}")
     print(f"s/step: median {median:.4f}, min {min(times):.4f}, max {max(times):.4f} over {len(times)} steps")
     print(f"samples/s: {figures['samples_per_s']:.2f}")
-    print(f"peak memory: {memory:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in figures else 'process RSS'})")
+    print(f"peak memory: {memory:.2f} GiB ({'GPU allocated' if cuda else 'process RSS'})")
     if flops_per_step:
         print(f"FLOPs: {flops_per_step / 1e12:.3f} TFLOP per step, achieved {figures['achieved_tflops']:.3f} TFLOP/s"
               + (f", {figures['fraction_of_floor']:.1%} of the floor" if "fraction_of_floor" in figures else ""))

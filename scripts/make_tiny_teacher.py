@@ -13,6 +13,7 @@ downloaded; its vocabulary is every byte-level character, alone and word-final.
 import argparse
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -121,6 +122,19 @@ def make_teacher(output_dir: str, preset: str = "tiny", seed: int = 0) -> None:
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as card:
         card.write(f"---\nlicense: mit\nlibrary_name: diffusers\ntags:\n- stable-diffusion\n---\n\n"
                    f"A Stable Diffusion pipeline ({preset} architecture) with random weights, for tests and benchmarks.\n")
+
+
+def cached_teacher(preset: str, output_dir: str = None) -> str:
+    """``output_dir`` (by default a folder of the preset's in the temp dir), where a teacher is
+    built first unless the folder exists. The build goes to a ``.partial`` folder renamed when
+    complete, so that a build cut short is never reused."""
+    output_dir = output_dir or os.path.join(tempfile.gettempdir(), f"splam-benchmark-{preset}")
+    if not os.path.isdir(output_dir):
+        partial = output_dir.rstrip(os.sep) + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        make_teacher(partial, preset)
+        os.replace(partial, output_dir)
+    return output_dir
 
 
 def main():

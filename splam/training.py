@@ -19,6 +19,7 @@ from .objective import (
     scalings_for_boundary_conditions,
     sub_path_point,
 )
+from .sharding import whole_tensor
 from .solver import DDIMSolver, append_dims
 
 
@@ -101,6 +102,22 @@ def make_optimizer(args, params):
 
 def optimizer_name(args) -> str:
     return "AdamW8bit" if args.use_8bit_adam else "AdamW"
+
+
+def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm):
+    """The loss averaged over processes and the gradient norm (global, after unscaling; ``None``
+    where DeepSpeed clips inside its engine and returns none), as floats.
+
+    Both travel to the host in one copy, the one host sync of an optimizer step: the step must
+    wait for the backward pass anyway before it can decide whether to take the update, and one
+    wait instead of two leaves the GPU idle once while the host queues the next work. Every
+    process gets the same two numbers, so all take the same decision.
+    """
+    values = [accelerator.reduce(loss.detach().float(), reduction="mean")]
+    if grad_norm is not None:
+        values.append(whole_tensor(grad_norm).to(values[0]))
+    numbers = torch.stack(values).tolist()
+    return numbers[0], numbers[1] if grad_norm is not None else None
 
 
 def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The throughput benchmark runs, and every speed option leaves the step's math unchanged."""
 
 import contextlib
+import json
 
 import pytest
 import torch
@@ -20,11 +21,25 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor"):
         assert text in result.stdout, text
-    import json
-
     figures = json.load(open(out))
     assert figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
     assert figures["tflop_per_step"] > 0 and figures["samples_per_s"] == pytest.approx(2 / figures["s_per_step"]["median"])
+
+
+@pytest.mark.parametrize("mode", ["readme", "fast"])
+def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_path, mode):
+    """``--data shards`` writes shards (and, in fast mode, their latents) and times the training
+    script's own steps from its log, after the warm-up ones."""
+    out = str(tmp_path / "figures.json")
+    result = run_script("scripts/benchmark.py", "--preset", "tiny", "--teacher_dir", tiny_teacher, "--batch_size", "2",
+                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "2", "--mode", mode,
+                        "--data", "shards", "--out", out, "--", "--dataloader_num_workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Optimizer steps = 6" in result.stderr and "Saved the distilled pipeline" in result.stderr
+    assert ("Train with --train_latents_path_or_url" in result.stdout) == (mode == "fast")
+    figures = json.load(open(out))
+    assert figures["data"] == "shards" and figures["timed_steps"] == 3
+    assert 0 < figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
 
 
 def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
@@ -73,3 +88,32 @@ def test_one_batched_teacher_call_equals_two(tiny_teacher):
         separate = torch.cat([models.teacher_unet(x, t, encoder_hidden_states=cond).sample,
                               models.teacher_unet(x, t, encoder_hidden_states=uncond).sample])
     torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_the_figures_script_runs_its_rows_and_prints_the_table(tiny_teacher, tmp_path):
+    out_dir = tmp_path / "figures"
+    result = run_script("scripts/throughput_figures.py", "--out_dir", str(out_dir), "--preset", "tiny",
+                        "--teacher_dir", tiny_teacher, "--resolution", str(RESOLUTION), "--batch_size", "2", "--small_batch_size", "1",
+                        "--rows", "readme-24gb,readme-step", "--", "--dataloader_num_workers=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.load(open(out_dir / "figures.json"))
+    assert [(row["row"], row["batch_size"]) for row in figures] == [("readme-24gb", 1), ("readme-step", 2)]
+    table = (out_dir / "table.md").read_text()
+    assert table in result.stdout and table.count("`scripts/benchmark.py --preset tiny") == 2
+
+    failing = run_script("scripts/throughput_figures.py", "--out_dir", str(out_dir), "--preset", "tiny",
+                         "--teacher_dir", tiny_teacher, "--rows", "readme-step", "--", "--no_such_flag")
+    assert failing.returncode != 0 and "rows that did not finish: readme-step (2)" in failing.stderr
+
+
+def test_a_teacher_build_left_partial_is_rebuilt_and_a_finished_one_reused(tmp_path):
+    from make_tiny_teacher import cached_teacher
+
+    teacher, partial = tmp_path / "teacher", tmp_path / "teacher.partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text("{}")  # what a killed build leaves behind
+    assert cached_teacher("tiny", str(teacher)) == str(teacher)
+    assert (teacher / "unet" / "config.json").exists() and not partial.exists()
+    built = (teacher / "model_index.json").stat().st_mtime_ns
+    cached_teacher("tiny", str(teacher))
+    assert (teacher / "model_index.json").stat().st_mtime_ns == built

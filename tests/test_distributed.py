@@ -119,6 +119,11 @@ def test_fsdp2_trains_like_ddp_and_resumes(tiny_teacher, tiny_shards, tmp_path):
     (ddp_losses,) = logged_scalars(ddp_dir, "loss")
     assert sorted(fsdp_losses) == sorted(ddp_losses) == [1, 2, 3, 4]
     assert all(abs(fsdp_losses[step] - ddp_losses[step]) <= 1e-4 * abs(ddp_losses[step]) for step in ddp_losses)
+    # The logged gradient norm is the whole student's, before clipping, on the sharded run too.
+    fsdp_norms = {step: norm for run in logged_scalars(fsdp_dir, "grad_norm") for step, norm in run.items()}
+    (ddp_norms,) = logged_scalars(ddp_dir, "grad_norm")
+    assert sorted(fsdp_norms) == sorted(ddp_norms) == [1, 2, 3, 4] and min(ddp_norms.values()) > 0.01
+    assert all(abs(fsdp_norms[step] - ddp_norms[step]) <= 1e-3 * ddp_norms[step] for step in ddp_norms)
     for folder in ("unet", "unet_online"):
         fsdp_unet = UNet2DConditionModel.from_pretrained(fsdp_dir, subfolder=folder).state_dict()
         ddp_unet = UNet2DConditionModel.from_pretrained(ddp_dir, subfolder=folder).state_dict()

@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Run the throughput table's benchmarks in one go and print the table.
+
+    python scripts/throughput_figures.py --out_dir figures --peak_tflops 800          # on a GPU
+    python scripts/throughput_figures.py --out_dir figures --rows readme-shards,readme-24gb
+
+Each row is one ``scripts/benchmark.py`` run in its own process, most important first: the
+README's flags end to end (the figure the throughput goal is about), the fastest mode end to
+end, the README's flags at batch 4 (does it fit a 24 GB card?), then the step alone in both
+modes (with the FLOP count, for the fraction of the floor). All rows share one teacher folder.
+``out_dir`` gets ``benchmark.log`` (every run's output), ``figures.json`` (rewritten after
+each row, so a run cut short keeps what it finished) and ``table.md``; the table is also printed.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+BENCHMARK = os.path.join(SCRIPTS, "benchmark.py")
+sys.path.insert(0, SCRIPTS)
+from make_tiny_teacher import cached_teacher  # noqa: E402
+
+# The authors' script at the README's flags, with only the fixes it needs to run: 0.525 s/step at
+# batch 12, 512 px, fp16, on an H100 80GB HBM3 (torch 2.11, CUDA 13.0; see the throughput issue).
+AUTHORS_SAMPLES_PER_S = {"NVIDIA H100 80GB HBM3": 12 / 0.525}
+
+
+def rows(options):
+    """``{name: benchmark flags}``, in the order they run."""
+    full = ["--preset", options.preset, "--resolution", str(options.resolution)]
+    return {
+        "readme-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--data", "shards"],
+        "fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--data", "shards"],
+        "readme-24gb": [*full, "--batch_size", str(options.small_batch_size), "--mode", "readme"],
+        "readme-step": [*full, "--batch_size", str(options.batch_size), "--mode", "readme"],
+        "fast-step": [*full, "--batch_size", str(options.batch_size), "--mode", "fast"],
+    }
+
+
+def table_row(figures) -> str:
+    versions = figures["versions"]
+    version_text = (f"torch {versions['torch']}" + (f", CUDA {versions['cuda']}" if versions["cuda"] else "")
+                    + f", diffusers {versions['diffusers']}, transformers {versions['transformers']}, "
+                    f"accelerate {versions['accelerate']}")
+    seconds = figures["s_per_step"]
+    authors = AUTHORS_SAMPLES_PER_S.get(figures["device"])
+    readme_shape = figures["preset"] == "sd15" and figures["batch_size"] == 12 and figures["resolution"] == 512
+    speedup = f"{figures['samples_per_s'] / authors:.2f}x" if authors and readme_shape else "n/a"
+    memory = (f"{figures['peak_memory_gib']:.1f} GiB GPU" if "peak_memory_gib" in figures
+              else f"{figures['peak_rss_gib']:.1f} GiB RSS")
+    floor = f"{figures['fraction_of_floor']:.0%}" if "fraction_of_floor" in figures else "n/a"
+    return (f"| {figures['device']} | {version_text} | `{figures['command']}` | {seconds['median']:.3f} "
+            f"({seconds['min']:.3f}-{seconds['max']:.3f}) | {figures['samples_per_s']:.1f} | {speedup} | {memory} | {floor} |")
+
+
+TABLE_HEADER = ("| card | versions | command | s/step, median (min-max) | samples/s | vs the authors' script | "
+                "peak memory | of the floor |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", required=True)
+    parser.add_argument("--rows", default=None, help="Comma-separated row names (default: all, in order).")
+    parser.add_argument("--preset", choices=["tiny", "sd15"], default="sd15")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=12, help="The README's batch.")
+    parser.add_argument("--small_batch_size", type=int, default=4, help="The batch of the 24 GB check.")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
+    parser.add_argument("--teacher_dir", default=None, help="Shared by the rows (default: a folder in the temp dir).")
+    parser.add_argument("--timeout", type=float, default=None, help="Seconds allowed per row.")
+    options, extra = parser.parse_known_args()
+    extra = [flag for flag in extra if flag != "--"]
+    available = rows(options)
+    names = options.rows.split(",") if options.rows else list(available)
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(available)}")
+    os.makedirs(options.out_dir, exist_ok=True)
+    # Built before the rows, so that no row's timeout cuts the build short.
+    teacher_dir = cached_teacher(options.preset, options.teacher_dir)
+    peak = ["--peak_tflops", str(options.peak_tflops)] if options.peak_tflops else []
+    results, failed = [], []
+    with open(os.path.join(options.out_dir, "benchmark.log"), "a") as log:
+        for name in names:
+            out = os.path.join(options.out_dir, f"{name}.json")
+            flags = [*available[name], *peak, *(["--", *extra] if extra else [])]
+            command = [sys.executable, BENCHMARK, "--teacher_dir", teacher_dir, "--out", out, *flags]
+            print(f"== {name}: {' '.join(command[1:])}", file=log, flush=True)
+            print(f"== {name}", flush=True)
+            try:
+                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=options.timeout).returncode
+            except subprocess.TimeoutExpired:
+                returncode = "timeout"
+            if returncode != 0:
+                failed.append(f"{name} ({returncode})")
+                continue
+            with open(out) as handle:
+                results.append({"row": name, "command": " ".join(["scripts/benchmark.py", *flags]), **json.load(handle)})
+            os.remove(out)
+            with open(os.path.join(options.out_dir, "figures.json"), "w") as handle:
+                json.dump(results, handle, indent=2)
+    table = "\n".join([TABLE_HEADER, *(table_row(figures) for figures in results)])
+    with open(os.path.join(options.out_dir, "table.md"), "w") as handle:
+        handle.write(table + "\n")
+    print(table)
+    if failed:
+        sys.exit(f"error: rows that did not finish: {', '.join(failed)}; see {options.out_dir}/benchmark.log")
+
+
+if __name__ == "__main__":
+    main()
