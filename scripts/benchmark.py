@@ -8,13 +8,14 @@
 Builds the teacher offline (``scripts/make_tiny_teacher.py --preset``: ``sd15`` is the full
 SD 1.5 architecture with random weights), then measures ``--steps`` steps after ``--warmup``
 untimed ones and prints s/step (median, min, max), samples/s and peak memory.
+``--profile_steps N`` (synthetic data) also prints the costliest operators of N more steps.
 
 ``--data synthetic`` (the default) runs the training script's own step
 (``splam.training.encode_batch`` and ``splam_loss``, backward, clipping, the read-back of the
-loss and gradient norm, optimizer, EMA) on a
-random batch already on the device, timed with CUDA events on a GPU; it also prints the FLOPs
-of a step (counted by ``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s
-and, given ``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak).
+loss and gradient norm, optimizer, EMA) on a random batch already on the device, timed with
+CUDA events on a GPU; it also prints the FLOPs of a step (counted by
+``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s and, given
+``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak).
 
 ``--data shards`` is the end-to-end figure: it writes JPEG shards at the resolution
 (``scripts/make_shards.py``; for ``--mode fast`` also their latents,
@@ -161,7 +162,24 @@ def measure_step(options, extra, teacher_dir):
         with Timer(accelerator.device) as timer:
             step()
         times.append(timer.seconds)
+    if options.profile_steps:
+        print(profile_table(step, options.profile_steps, accelerator.device))
     return times, flops_per_step
+
+
+def profile_table(step, num_steps: int, device) -> str:
+    """The operators that took the most time over ``num_steps`` more steps, from
+    ``torch.profiler``: device time on a GPU, host time elsewhere."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(num_steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort_by, row_limit=25)
 
 
 def logged_step_times(logging_dir):
@@ -214,10 +232,14 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation, allocator, cuDNN).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="With --data synthetic: profile this many more steps and print the costliest operators.")
     parser.add_argument("--teacher_dir", default=None, help="A teacher folder to reuse, built there if it does not exist.")
     parser.add_argument("--out", default=None, help="Also write the figures as JSON.")
     options, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
+    if options.profile_steps and options.data != "synthetic":
+        parser.error("--profile_steps needs --data synthetic")
     cuda = torch.cuda.is_available()
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 

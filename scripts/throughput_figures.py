@@ -7,7 +7,8 @@
 Each row is one ``scripts/benchmark.py`` run in its own process, most important first: the
 README's flags end to end (the figure the throughput goal is about), the fastest mode end to
 end, the README's flags at batch 4 (does it fit a 24 GB card?), then the step alone in both
-modes (with the FLOP count, for the fraction of the floor). All rows share one teacher folder.
+modes (with the FLOP count, for the fraction of the floor, and a profile of 3 more steps in
+the log: where to look next). All rows share one teacher folder.
 ``out_dir`` gets ``benchmark.log`` (every run's output), ``figures.json`` (rewritten after
 each row, so a run cut short keeps what it finished) and ``table.md``; the table is also printed.
 """
@@ -35,8 +36,8 @@ def rows(options):
         "readme-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--data", "shards"],
         "fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--data", "shards"],
         "readme-24gb": [*full, "--batch_size", str(options.small_batch_size), "--mode", "readme"],
-        "readme-step": [*full, "--batch_size", str(options.batch_size), "--mode", "readme"],
-        "fast-step": [*full, "--batch_size", str(options.batch_size), "--mode", "fast"],
+        "readme-step": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--profile_steps", "3"],
+        "fast-step": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--profile_steps", "3"],
     }
 
 

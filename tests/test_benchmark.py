@@ -17,9 +17,9 @@ from conftest import RESOLUTION, run_script
 def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     out = str(tmp_path / "figures.json")
     result = run_script("scripts/benchmark.py", "--preset", "tiny", "--teacher_dir", tiny_teacher, "--batch_size", "2",
-                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "1", "--peak_tflops", "1", "--out", out)
+                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "1", "--peak_tflops", "1", "--profile_steps", "1", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
-    for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor"):
+    for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor", "aten::convolution"):
         assert text in result.stdout, text
     figures = json.load(open(out))
     assert figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
