@@ -232,6 +232,8 @@ def main(args):
                 "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
         if grad_norm_value is not None:
             logs["grad_norm"] = grad_norm_value
+        if accelerator.device.type == "cuda":
+            logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # allocator statistics: no sync
         progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
         accelerator.log(logs, step=global_step)
 

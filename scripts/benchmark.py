@@ -6,8 +6,9 @@
     python scripts/benchmark.py --preset tiny --batch_size 4 --resolution 64 --steps 5      # a CPU check
 
 Builds the teacher offline (``scripts/make_tiny_teacher.py --preset``: ``sd15`` is the full
-SD 1.5 architecture with random weights), then measures ``--steps`` steps after ``--warmup``
-untimed ones and prints s/step (median, min, max), samples/s and peak memory.
+SD 1.5 architecture with random weights), then measures ``--steps`` steps after a first step
+and ``--warmup`` more that are not timed, and prints s/step (median, min, max), samples/s and
+peak memory.
 ``--profile_steps N`` (synthetic data) also prints the costliest operators of N more steps.
 
 ``--data synthetic`` (the default) runs the training script's own step
@@ -182,19 +183,23 @@ def profile_table(step, num_steps: int, device) -> str:
     return profiler.key_averages().table(sort_by=sort_by, row_limit=25)
 
 
-def logged_step_times(logging_dir):
-    """Intervals between the wall times of consecutive steps in the run's tensorboard log."""
+def logged_run(logging_dir: str, warmup: int):
+    """From the run's tensorboard log: the intervals between the wall times of consecutive steps,
+    without the first ``warmup`` ones, and the last logged peak GPU memory (GiB; None off CUDA)."""
     (path,) = glob.glob(os.path.join(logging_dir, "*", "events.out.tfevents.*"))
     accumulator = EventAccumulator(path)
     accumulator.Reload()
     wall_times = [event.wall_time for event in sorted(accumulator.Scalars("loss"), key=lambda event: event.step)]
-    return [later - earlier for earlier, later in zip(wall_times, wall_times[1:])]
+    intervals = [later - earlier for earlier, later in zip(wall_times, wall_times[1:])]
+    memory = accumulator.Scalars("memory/peak_gib") if "memory/peak_gib" in accumulator.Tags()["scalars"] else []
+    return intervals[warmup:], max((event.value for event in memory), default=None)
 
 
 def measure_training(options, extra, teacher_dir, work_dir):
-    """Step times of the training script itself, run in this process on JPEG shards (or on the
-    latent shards made from them), with the README's 8 loader workers unless ``extra`` says
-    otherwise. The first ``warmup`` intervals (and the first step, which has none) are dropped."""
+    """Step times and peak GPU memory (None off CUDA) of the training script itself, run in this
+    process on JPEG shards (or on the latent shards made from them), with the README's 8 loader
+    workers unless ``extra`` says otherwise. The first step (which has no interval) and the
+    ``warmup`` after it are not timed; the memory is the training's own, without the export."""
     num_shards = 8
     write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
     data_url = os.path.join(work_dir, "shards", f"{{00000..{num_shards - 1:05d}}}.tar")
@@ -216,7 +221,7 @@ def measure_training(options, extra, teacher_dir, work_dir):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     train_splam_distill_sd_wds.main(args)
-    return logged_step_times(os.path.join(output_dir, args.logging_dir))[options.warmup:]
+    return logged_run(os.path.join(output_dir, args.logging_dir), options.warmup)
 
 
 def main():
@@ -230,7 +235,7 @@ def main():
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                         help="Default: fp16 on CUDA, no on a CPU.")
     parser.add_argument("--steps", type=int, default=20, help="Timed steps.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first (compilation, allocator, cuDNN).")
+    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after the first one (compilation, allocator, cuDNN).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
     parser.add_argument("--profile_steps", type=int, default=0,
                         help="With --data synthetic: profile this many more steps and print the costliest operators.")
@@ -247,10 +252,11 @@ def main():
     flops_per_step = None
     if options.data == "synthetic":
         times, flops_per_step = measure_step(options, extra, teacher_dir)
+        peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
         try:
-            times = measure_training(options, extra, teacher_dir, work_dir)
+            times, peak_gpu_memory = measure_training(options, extra, teacher_dir, work_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -266,7 +272,7 @@ def main():
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
     if cuda:
-        figures["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        figures["peak_memory_gib"] = peak_gpu_memory
     else:
         figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if flops_per_step:

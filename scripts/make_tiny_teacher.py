@@ -126,9 +126,12 @@ def make_teacher(output_dir: str, preset: str = "tiny", seed: int = 0) -> None:
 
 def cached_teacher(preset: str, output_dir: str = None) -> str:
     """``output_dir`` (by default a folder of the preset's in the temp dir), where a teacher is
-    built first unless the folder exists. The build goes to a ``.partial`` folder renamed when
+    built first unless one is there. The build goes to a ``.partial`` folder renamed when
     complete, so that a build cut short is never reused."""
     output_dir = output_dir or os.path.join(tempfile.gettempdir(), f"splam-benchmark-{preset}")
+    if os.path.isdir(output_dir) and not os.path.exists(os.path.join(output_dir, "model_index.json")):
+        raise SystemExit(f"error: {output_dir} exists but holds no pipeline (model_index.json); "
+                         "give a teacher folder or one that does not exist yet")
     if not os.path.isdir(output_dir):
         partial = output_dir.rstrip(os.sep) + ".partial"
         shutil.rmtree(partial, ignore_errors=True)

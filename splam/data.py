@@ -62,6 +62,11 @@ class DataStats(collections.Counter):
     def report(self) -> str:
         return f"{self.skipped()} samples skipped, {self.repaired()} repaired ({self.summary() or 'no reasons'})"
 
+    def pin_memory(self):
+        # A pinning loader (on CUDA) would otherwise copy a mapping and update() the copy with its
+        # own items, which for a Counter adds them: every batch's counts would arrive doubled.
+        return self
+
 
 def expand_shard_urls(spec: str) -> list:
     """Split a shard spec on ``::`` and expand its brace ranges into a list of shard URLs."""

@@ -105,17 +105,18 @@ def optimizer_name(args) -> str:
 
 
 def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm):
-    """The loss averaged over processes and the gradient norm (global, after unscaling; ``None``
-    where DeepSpeed clips inside its engine and returns none), as floats.
+    """The loss averaged over processes and the gradient norm (global, after unscaling), as floats.
 
-    Both travel to the host in one copy, the one host sync of an optimizer step: the step must
-    wait for the backward pass anyway before it can decide whether to take the update, and one
-    wait instead of two leaves the GPU idle once while the host queues the next work. Every
-    process gets the same two numbers, so all take the same decision.
+    ``grad_norm`` is what ``accelerator.clip_grad_norm_`` returned: a tensor, a DTensor under
+    FSDP2, or under DeepSpeed (which clips inside its engine) a float or ``None``; the returned
+    norm is ``None`` then too. Loss and norm travel to the host in one copy, the training loop's
+    one wait for the device per optimizer step: the step must know both before it decides
+    whether to take the update, and one wait instead of two leaves the GPU idle once while the
+    host queues the next work. Every process gets the same two numbers, so all decide alike.
     """
     values = [accelerator.reduce(loss.detach().float(), reduction="mean")]
     if grad_norm is not None:
-        values.append(whole_tensor(grad_norm).to(values[0]))
+        values.append(torch.as_tensor(whole_tensor(grad_norm), dtype=values[0].dtype, device=values[0].device))
     numbers = torch.stack(values).tolist()
     return numbers[0], numbers[1] if grad_norm is not None else None
 

@@ -188,6 +188,15 @@ def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch
     assert stats.skipped() == 4 and stats.repaired() == 2
 
 
+def test_a_pinning_loader_passes_the_counts_through_unchanged():
+    """On CUDA the loader pins each batch; pinning must not copy-and-update the stats, which for
+    a Counter would add every count twice."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    stats = DataStats(undecodable_image=2, image_upscaled=1)
+    assert pin_memory(stats) == DataStats(undecodable_image=2, image_upscaled=1)
+
+
 def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_path):
     samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes("gray", (64, 64)), "txt": f"c{i}"} for i in range(6)]
     whole = open(write_tar(tmp_path / "whole.tar", samples), "rb").read()

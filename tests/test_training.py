@@ -14,6 +14,17 @@ from splam.args import parse_args, public_config, redact_secrets
 
 from conftest import LEARNING_RATE, REPO_ROOT, RESOLUTION, WARMUP_STEPS, launch, logged_scalars, run_script
 
+@pytest.mark.parametrize("grad_norm", [torch.tensor(2.5), 2.5, None], ids=["tensor", "deepspeed float", "none"])
+def test_loss_and_grad_norm_are_read_back_from_any_norm_accelerate_returns(grad_norm):
+    from accelerate import Accelerator
+
+    from splam.training import read_loss_and_grad_norm
+
+    loss = torch.tensor(0.75, requires_grad=True) * 1.0
+    loss_value, grad_norm_value = read_loss_and_grad_norm(Accelerator(cpu=True), loss, grad_norm)
+    assert loss_value == 0.75 and grad_norm_value == (None if grad_norm is None else 2.5)
+
+
 def unet_weights(path):
     return UNet2DConditionModel.from_pretrained(path).state_dict()
 
