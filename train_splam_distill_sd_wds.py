@@ -52,6 +52,7 @@ from splam.training import (
     optimizer_name,
     read_loss_and_grad_norm,
     splam_loss,
+    take_optimizer_step,
 )
 from splam.validation import log_validation
 
@@ -202,22 +203,15 @@ def main(args):
                 # NaN or inf anywhere makes them so everywhere, so every process takes the same
                 # decisions below (under FSDP2 they include collectives).
                 loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)
-                grads_finite = grad_norm_value is None or math.isfinite(grad_norm_value)
-                # Under fp16 grad scaling the scaler skips steps with inf gradients itself (and lowers
-                # its scale), so it always gets the step; otherwise non-finite steps are not taken.
-                step_called = accelerator.scaler is not None or (math.isfinite(loss_value) and grads_finite)
-                if step_called:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                update_taken = take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value)
 
         if not accelerator.sync_gradients:
             continue
-        # 8. The target follows the student, on every optimizer step that was taken.
-        if step_called and not accelerator.optimizer_step_was_skipped:
+        # 8. The target follows the student, on every update that was taken.
+        if update_taken:
             update_ema(target_unet.parameters(), accelerator.unwrap_model(unet).parameters(), args.ema_decay)
         # While the grad scaler settles, inf gradients are normal: only a non-finite loss counts then.
-        step_is_finite = math.isfinite(loss_value) and (accelerator.scaler is not None or grads_finite)
+        step_is_finite = math.isfinite(loss_value) and (accelerator.scaler is not None or update_taken)
         global_step += 1
         progress_bar.update(1)
         nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1

@@ -12,9 +12,9 @@ peak memory.
 ``--profile_steps N`` (synthetic data) also prints the costliest operators of N more steps.
 
 ``--data synthetic`` (the default) runs the training script's own step
-(``splam.training.encode_batch`` and ``splam_loss``, backward, clipping, the read-back of the
-loss and gradient norm, optimizer, EMA) on a random batch already on the device, timed with
-CUDA events on a GPU; it also prints the FLOPs of a step (counted by
+(``splam.training.encode_batch``, ``splam_loss``, backward, clipping,
+``read_loss_and_grad_norm``, ``take_optimizer_step``, EMA) on a random batch already on the
+device, timed with CUDA events on a GPU; it also prints the FLOPs of a step (counted by
 ``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s and, given
 ``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak).
 
@@ -49,6 +49,7 @@ import accelerate
 import diffusers
 import torch
 import transformers
+from diffusers.optimization import get_scheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
@@ -70,6 +71,7 @@ from splam.training import (  # noqa: E402
     posterior_moments,
     read_loss_and_grad_norm,
     splam_loss,
+    take_optimizer_step,
 )
 
 # Per mode: the flag that names the training data, and the speed flags.
@@ -137,7 +139,8 @@ def measure_step(options, extra, teacher_dir):
     torch.manual_seed(0)
     models = build_distillation_models(args, accelerator, load_teacher_scheduler(args))
     optimizer = make_optimizer(args, models.unet.parameters())
-    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     inputs, conditioning = synthetic_batch(args, models, accelerator.device)
 
     def step(count_flops=False):
@@ -147,10 +150,10 @@ def measure_step(options, extra, teacher_dir):
             loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
-            read_loss_and_grad_norm(accelerator, loss, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(), args.ema_decay)
+            loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)
+            if take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value):
+                update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(),
+                           args.ema_decay)
         return counter.get_total_flops() if count_flops else None
 
     flops_per_step = step(count_flops=not args.torch_compile)

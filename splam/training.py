@@ -1,8 +1,10 @@
 """The pieces of a SPLAM training step: the nets as training holds them, the optimizer, a
-batch's latents and prompt embeddings (SPEC section 3, step 1) and its loss (steps 2 to 7).
-The training script and the throughput benchmark both run their steps through here.
+batch's latents and prompt embeddings (SPEC section 3, step 1), its loss (steps 2 to 7) and
+the update, taken or skipped. The training script and the throughput benchmark both run their
+steps through here.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,26 @@ def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm):
         values.append(torch.as_tensor(whole_tensor(grad_norm), dtype=values[0].dtype, device=values[0].device))
     numbers = torch.stack(values).tolist()
     return numbers[0], numbers[1] if grad_norm is not None else None
+
+
+def take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value: float, grad_norm_value) -> bool:
+    """Step the optimizer and the lr schedule unless the loss or the gradient norm (from
+    ``read_loss_and_grad_norm``) is non-finite, then clear the gradients; returns whether the
+    update was taken, which is when the EMA target follows.
+
+    Under fp16 the grad scaler finds the same inf gradients and skips the update itself, lowering
+    its scale, so it gets every step. Whether it skipped is not read from accelerate's
+    ``optimizer_step_was_skipped``: a fused AdamW skips inside its kernel, and that flag then
+    reports the step as taken. A finite gradient norm means finite gradients, so the host
+    already knows.
+    """
+    taken = math.isfinite(loss_value) and (grad_norm_value is None or math.isfinite(grad_norm_value))
+    if taken or accelerator.scaler is not None:
+        optimizer.step()
+    if taken:
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return taken
 
 
 def encode_prompts(input_ids: torch.Tensor, text_encoder) -> torch.Tensor:

@@ -25,6 +25,37 @@ def test_loss_and_grad_norm_are_read_back_from_any_norm_accelerate_returns(grad_
     assert loss_value == 0.75 and grad_norm_value == (None if grad_norm is None else 2.5)
 
 
+@pytest.mark.parametrize("grad_scaler", [False, True], ids=["fp32", "fp16 grad scaler and fused AdamW"])
+def test_an_update_with_non_finite_gradients_is_skipped_and_said_so(grad_scaler):
+    """With a grad scaler and a fused AdamW the skip happens inside the kernel, where accelerate's
+    ``optimizer_step_was_skipped`` cannot see it: the lr schedule (and the EMA) must still not move."""
+    from accelerate import Accelerator
+
+    from splam.training import read_loss_and_grad_norm, take_optimizer_step
+
+    accelerator = Accelerator(cpu=True)
+    if grad_scaler:
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what accelerate makes for fp16 on CUDA
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    def step(first_input: float) -> bool:
+        loss = model(torch.tensor([[first_input, 1.0, 1.0]])).sum()
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        return take_optimizer_step(accelerator, optimizer, lr_scheduler, *read_loss_and_grad_norm(accelerator, loss, grad_norm))
+
+    before = model.weight.detach().clone()
+    assert step(float("inf")) is False
+    assert torch.equal(model.weight, before) and lr_scheduler.scheduler.last_epoch == 0
+    assert step(1.0) is True
+    assert not torch.equal(model.weight, before) and lr_scheduler.scheduler.last_epoch == 1
+    if grad_scaler:
+        assert accelerator.scaler.get_scale() == 512.0
+
+
 def unet_weights(path):
     return UNet2DConditionModel.from_pretrained(path).state_dict()
 
