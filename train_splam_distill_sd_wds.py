@@ -44,11 +44,12 @@ from splam.data import DataError, DataStats, ShardStream, make_train_dataloader,
 from splam.export import export_pipeline
 from splam.hub import HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
-from splam.sharding import check_fsdp_options, whole_student
+from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
 from splam.training import (
     build_distillation_models,
     encode_batch,
     make_optimizer,
+    mixed_precision_autocast,
     optimizer_name,
     read_loss_and_grad_norm,
     splam_loss,
@@ -103,6 +104,7 @@ def main(args):
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
     check_fsdp_options(accelerator, args)
+    configure_deepspeed(accelerator, args)
     check_optional_dependencies(args)
     shard_urls = train_shard_urls(args)
     resume_path = agree_on_resume_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
@@ -162,6 +164,7 @@ def main(args):
     )
     models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     unet, target_unet = models.unet, models.target_unet
+    autocast = mixed_precision_autocast(accelerator)
     register_unet_hooks(accelerator, target_unet)
 
     if accelerator.is_main_process:
@@ -195,7 +198,7 @@ def main(args):
         with accelerator.accumulate(unet):
             # 1. Latents z and prompt embeddings c. 2-7. The SPLAM loss (splam.training.splam_loss).
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
-            loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
+            loss = splam_loss(latents, prompt_embeds, models, args, autocast)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)

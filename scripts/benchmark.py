@@ -68,6 +68,7 @@ from splam.training import (  # noqa: E402
     encode_batch,
     encode_prompts,
     make_optimizer,
+    mixed_precision_autocast,
     posterior_moments,
     read_loss_and_grad_norm,
     splam_loss,
@@ -147,7 +148,7 @@ def measure_step(options, extra, teacher_dir):
         counter = torch.utils.flop_counter.FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with counter:
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
-            loss = splam_loss(latents, prompt_embeds, models, args, accelerator.autocast)
+            loss = splam_loss(latents, prompt_embeds, models, args, mixed_precision_autocast(accelerator))
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
             loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)

@@ -1,4 +1,5 @@
-"""The student as one whole module, whether or not FSDP2 shards it.
+"""The student as one whole module, whether or not FSDP2 shards it, and the DeepSpeed settings
+that follow the flags.
 
 Under DDP and DeepSpeed ZeRO-2 every process holds the student's full parameters. Under
 FSDP2 (``fsdp_version: 2``) each holds a shard: its parameters are DTensors, and whatever
@@ -34,6 +35,20 @@ def check_fsdp_options(accelerator, args) -> None:
         raise SetupError("--channels_last does not work under FSDP2, which shards contiguous parameters only")
     if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
         raise SetupError("fsdp_offload_params is not supported: set it to false (see configs/fsdp.yaml)")
+
+
+def configure_deepspeed(accelerator, args) -> None:
+    """Under DeepSpeed, hand its engine the flags' values of what it reads from its config: the
+    batch sizes (accelerate derives them from a prepared dataloader, and the shard stream is not
+    one), the accumulation steps and the clipping norm (the engine clips inside its step)."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+        train_micro_batch_size_per_gpu=args.train_batch_size,
+        train_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_clipping=args.max_grad_norm,
+    )
 
 
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:

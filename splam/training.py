@@ -4,10 +4,12 @@ the update, taken or skipped. The training script and the throughput benchmark b
 steps through here.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import DistributedType
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae
@@ -38,19 +40,33 @@ class DistillationModels:
     uncond_prompt_embeds: torch.Tensor
 
 
-def frozen_weight_dtype(accelerator) -> torch.dtype:
-    """The dtype of the frozen VAE and text encoder (and the teacher with --cast_teacher_unet): the
-    half dtype where mixed precision runs under autocast, else float32. accelerate runs fp16 on a
-    CPU without autocast (``native_amp`` is off), so everything stays float32 there."""
-    if not accelerator.native_amp:
-        return torch.float32
+def half_dtype(accelerator):
+    """The half dtype the step's forward passes compute in under mixed precision, or None for
+    float32. accelerate runs fp16 on a CPU without autocast (``native_amp`` is off), so
+    everything stays float32 there; under DeepSpeed ``native_amp`` is off too, but its engine
+    holds the student in the half dtype, so the step computes in it as well."""
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.mixed_precision not in ("fp16", "bf16") or not (accelerator.native_amp or deepspeed):
+        return None
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
+
+
+def mixed_precision_autocast(accelerator):
+    """A zero-argument autocast context factory for the forward passes of training and
+    validation: accelerate's own, or under DeepSpeed (where accelerate adds none) torch's in the
+    half dtype, so that the frozen nets, the fp32 EMA target and the half student meet."""
+    dtype = half_dtype(accelerator)
+    if dtype is None or accelerator.native_amp:
+        return accelerator.autocast
+    return functools.partial(torch.autocast, accelerator.device.type, dtype=dtype)
 
 
 def build_distillation_models(args, accelerator, teacher_scheduler) -> DistillationModels:
     """Load the frozen nets, build the student and its EMA target (fp32, SPEC section 1), move all
     to the device, and apply the memory and speed options."""
-    weight_dtype = frozen_weight_dtype(accelerator)
+    # The VAE and text encoder (and the teacher with --cast_teacher_unet) are stored in the half
+    # dtype where the step computes in it: no weight casts on every call.
+    weight_dtype = half_dtype(accelerator) or torch.float32
     tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
     teacher_unet = load_teacher_unet(args)
     unet = build_student(args, teacher_unet)
@@ -182,7 +198,7 @@ def encode_batch(inputs: torch.Tensor, conditioning: torch.Tensor, models: Disti
 
 def splam_loss(latents: torch.Tensor, prompt_embeds: torch.Tensor, models: DistillationModels, args, autocast) -> torch.Tensor:
     """The SPLAM loss of one batch of latents ``z`` and prompt embeddings ``c`` (``encode_batch``),
-    SPEC section 3 steps 2 to 7 (``autocast`` is the accelerator's).
+    SPEC section 3 steps 2 to 7 (``autocast`` from ``mixed_precision_autocast``).
 
     2. a sub-path ``(ts, te)`` per sample and ``x_s = a(ts) z + s(ts) noise``;
     3. the teacher's CFG-guided DDIM step ``x_s -> x_e`` (cond and uncond in one batched call);

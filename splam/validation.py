@@ -13,6 +13,8 @@ import torch
 from diffusers import LatentConsistencyModelPipeline
 from PIL import Image
 
+from .training import mixed_precision_autocast
+
 VALIDATION_STEPS = (1, 2, 4)
 
 
@@ -70,7 +72,7 @@ def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, sche
     for name, unet in models.items():
         pipeline = few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler)
         # Sampling draws from its own generator; forking keeps the training RNG as it was anyway.
-        with accelerator.autocast(), torch.random.fork_rng(devices=[]):
+        with mixed_precision_autocast(accelerator)(), torch.random.fork_rng(devices=[]):
             images = sample_validation_images(pipeline, args.validation_prompts, args.resolution, seed)
         for num_steps, step_images in images.items():
             for index, image in enumerate(step_images):
