@@ -25,7 +25,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
@@ -83,6 +83,15 @@ def check_optional_dependencies(args) -> None:
             raise SetupError("--report_to=wandb needs wandb (pip install wandb)") from error
 
 
+def check_accelerate_config(accelerator) -> None:
+    """Refuse what an accelerate config can ask for that this script does not do."""
+    if accelerator.mixed_precision not in ("no", "fp16", "bf16"):
+        raise SetupError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use no, fp16 or bf16")
+    if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
+        raise SetupError("set dynamo_backend: 'no' in the accelerate config (or launch with --dynamo_backend no) and pass "
+                         "--torch_compile, which compiles the three UNets in place, so that checkpoints keep their names")
+
+
 def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = Accelerator(
@@ -103,6 +112,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
+    check_accelerate_config(accelerator)
     check_fsdp_options(accelerator, args)
     configure_deepspeed(accelerator, args)
     check_optional_dependencies(args)

@@ -15,7 +15,7 @@ fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_
 ``--resolution``; other shapes are refused.
 
 Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
-shards ``i`` with ``i mod J = k``). Each shard is written under a temporary name and renamed
+shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees). Each shard is written under a temporary name and renamed
 when complete; a shard that cannot be read to the end is left out (the run then exits with an
 error naming it), and a rerun skips the shards already there and retries the others.
 """
@@ -112,7 +112,8 @@ def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats:
 def main(args):
     urls = expand_shard_urls(args.train_shards_path_or_url)
     os.makedirs(args.output_dir, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Jobs started side by side on one machine take its GPUs in turn.
+    device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
     text_encoder.to(device, dtype)

@@ -147,6 +147,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.train_latents_path_or_url and getattr(args, name):
             parser.error(f"--{name} has no effect on --train_latents_path_or_url: crops and flips are made once, by "
                          f"scripts/precompute_latents.py --{name}")
+    if args.channels_last and args.use_8bit_adam:
+        parser.error("--channels_last does not go with --use_8bit_adam: bitsandbytes makes the student's weights "
+                     "contiguous again at every step, undoing channels-last; use --channels_last with AdamW")
     if args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must not be negative, got {args.dataloader_num_workers}")
     if args.max_train_steps is None and args.max_train_samples is None:

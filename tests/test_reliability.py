@@ -191,6 +191,8 @@ CASES = {
     "checkpoint limit": (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1"),
     "ema decay": (["--ema_decay=1.0"], "--ema_decay must lie in [0, 1)"),
     "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
+    "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
+    "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
 }
 
 
@@ -203,6 +205,10 @@ def test_bad_arguments_fail_fast_with_one_line(case, tiny_teacher, tiny_shards, 
     for flag in flags:
         if flag.startswith("HIDE="):
             env = dict(hidden_packages_env(tmp_path, flag[5:]), HF_HUB_OFFLINE="1")
+            continue
+        if flag.startswith("ENV="):
+            name, _, value = flag[4:].partition("=")
+            env[name] = value
             continue
         if "{v_teacher}" in flag:
             flag = flag.format(v_teacher=v_prediction_teacher(tiny_teacher, tmp_path))
