@@ -1,4 +1,5 @@
-"""Two processes (accelerate's MULTI_CPU over gloo, launched by torchrun)."""
+"""Distributed training: two processes (accelerate's MULTI_CPU over gloo, launched by torchrun), FSDP2 on
+them, and DeepSpeed ZeRO-2 on one process."""
 
 import io
 import os
