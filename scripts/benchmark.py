@@ -143,12 +143,13 @@ def measure_step(options, extra, teacher_dir):
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     inputs, conditioning = synthetic_batch(args, models, accelerator.device)
+    autocast = mixed_precision_autocast(accelerator)
 
     def step(count_flops=False):
         counter = torch.utils.flop_counter.FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with counter:
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
-            loss = splam_loss(latents, prompt_embeds, models, args, mixed_precision_autocast(accelerator))
+            loss = splam_loss(latents, prompt_embeds, models, args, autocast)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
             loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)
