@@ -107,14 +107,15 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
 
 
 def make_optimizer(args, params):
-    """AdamW, or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam``; torch's fused kernel on CUDA."""
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam`` (``splam.adamw8bit``, which
+    queues its per-tensor updates without host waits); torch's fused kernel on CUDA."""
     params = list(params)
     options = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
-        import bitsandbytes as bnb
+        from .adamw8bit import AdamW8bit
 
-        return bnb.optim.AdamW8bit(params, **options)
+        return AdamW8bit(params, **options)
     return torch.optim.AdamW(params, fused=params[0].is_cuda, **options)
 
 
