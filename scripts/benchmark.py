@@ -196,21 +196,25 @@ def profile_table(step, num_steps: int, device) -> str:
 
 def logged_run(logging_dir: str, warmup: int):
     """From the run's tensorboard log: the intervals between the wall times of consecutive steps,
-    without the first ``warmup`` ones, and the last logged peak GPU memory (GiB; None off CUDA)."""
+    without the first ``warmup`` ones, the last logged peak GPU memory (GiB; None off CUDA) and
+    the wall time of the first step."""
     (path,) = glob.glob(os.path.join(logging_dir, "*", "events.out.tfevents.*"))
     accumulator = EventAccumulator(path)
     accumulator.Reload()
     wall_times = [event.wall_time for event in sorted(accumulator.Scalars("loss"), key=lambda event: event.step)]
     intervals = [later - earlier for earlier, later in zip(wall_times, wall_times[1:])]
     memory = accumulator.Scalars("memory/peak_gib") if "memory/peak_gib" in accumulator.Tags()["scalars"] else []
-    return intervals[warmup:], max((event.value for event in memory), default=None)
+    return intervals[warmup:], max((event.value for event in memory), default=None), wall_times[0]
 
 
 def measure_training(options, extra, teacher_dir, work_dir):
-    """Step times and peak GPU memory (None off CUDA) of the training script itself, run in this
-    process on JPEG shards (or on the latent shards made from them), with the README's 8 loader
-    workers unless ``extra`` says otherwise. The first step (which has no interval) and the
-    ``warmup`` after it are not timed; the memory is the training's own, without the export."""
+    """Step times, peak GPU memory (None off CUDA) and the seconds to the first step of the
+    training script itself, run in this process on JPEG shards (or on the latent shards made from
+    them), with the README's 8 loader workers unless ``extra`` says otherwise. The first step
+    (which has no interval) and the ``warmup`` after it are not timed; the memory is the
+    training's own, without the export. The time to the first step counts everything from the
+    call of the script: loading the nets, starting the loader, the first batch and, with
+    ``--torch_compile``, compiling the UNets."""
     num_shards = 8
     write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
     data_url = os.path.join(work_dir, "shards", f"{{00000..{num_shards - 1:05d}}}.tar")
@@ -231,8 +235,10 @@ def measure_training(options, extra, teacher_dir, work_dir):
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    started = time.time()  # the clock of tensorboard's wall times
     train_splam_distill_sd_wds.main(args)
-    return logged_run(os.path.join(output_dir, args.logging_dir), options.warmup)
+    times, peak_gpu_memory, first_step = logged_run(os.path.join(output_dir, args.logging_dir), options.warmup)
+    return times, peak_gpu_memory, first_step - started
 
 
 def main():
@@ -260,14 +266,14 @@ def main():
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    flops_per_step = None
+    flops_per_step = seconds_to_first_step = None
     if options.data == "synthetic":
         times, flops_per_step = measure_step(options, extra, teacher_dir)
         peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
         try:
-            times, peak_gpu_memory = measure_training(options, extra, teacher_dir, work_dir)
+            times, peak_gpu_memory, seconds_to_first_step = measure_training(options, extra, teacher_dir, work_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -292,12 +298,16 @@ def main():
         figures["achieved_tflops"] = flops_per_step / median / 1e12
         if options.peak_tflops:
             figures["fraction_of_floor"] = (flops_per_step / (options.peak_tflops * 1e12)) / median
+    if seconds_to_first_step is not None:
+        figures["seconds_to_first_step"] = seconds_to_first_step
     memory = figures.get("peak_memory_gib", figures.get("peak_rss_gib"))
     print(f"{device}, torch {torch.__version__}, {options.preset} preset, {options.mode} mode, {options.data} data, "
           f"batch {options.batch_size} at {options.resolution} px, {options.mixed_precision}")
     print(f"s/step: median {median:.4f}, min {min(times):.4f}, max {max(times):.4f} over {len(times)} steps")
     print(f"samples/s: {figures['samples_per_s']:.2f}")
     print(f"peak memory: {memory:.2f} GiB ({'GPU allocated' if cuda else 'process RSS'})")
+    if seconds_to_first_step is not None:
+        print(f"time to the first step: {seconds_to_first_step:.1f} s (loading, loader start, any compilation)")
     if flops_per_step:
         print(f"FLOPs: {flops_per_step / 1e12:.3f} TFLOP per step, achieved {figures['achieved_tflops']:.3f} TFLOP/s"
               + (f", {figures['fraction_of_floor']:.1%} of the floor" if "fraction_of_floor" in figures else ""))

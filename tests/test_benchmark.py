@@ -40,6 +40,8 @@ def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_pa
     figures = json.load(open(out))
     assert figures["data"] == "shards" and figures["timed_steps"] == 3
     assert figures["optimizer"] == ("AdamW8bit" if mode == "readme" else "AdamW")
+    # seconds since the script was called, on the clock of tensorboard's wall times
+    assert 0 < figures["seconds_to_first_step"] < 120 and "time to the first step:" in result.stdout
     assert 0 < figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
 
 
@@ -52,8 +54,8 @@ def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
         writer.add_scalar("loss", 0.5, step, walltime=wall_time)
         writer.add_scalar("memory/peak_gib", 1.0 + step, step, walltime=wall_time)
     writer.close()
-    times, peak_memory = logged_run(str(tmp_path / "logs"), warmup=2)
-    assert times == pytest.approx([2.0, 3.0, 4.0]) and peak_memory == 7.0
+    times, peak_memory, first_step = logged_run(str(tmp_path / "logs"), warmup=2)
+    assert times == pytest.approx([2.0, 3.0, 4.0]) and peak_memory == 7.0 and first_step == 100.0
 
 
 def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
