@@ -209,12 +209,13 @@ def logged_run(logging_dir: str, warmup: int):
 
 
 def measure_training(options, extra, teacher_dir, work_dir):
-    """Step times, peak GPU memory (None off CUDA) and the seconds to the first step of the
-    training script itself, run in this process on JPEG shards (or on the latent shards made from
+    """Step times, peak GPU memory (None off CUDA) and the seconds until the first step is done of
+    the training script itself, run in this process on JPEG shards (or on the latent shards made from
     them), with the README's 8 loader workers unless ``extra`` says otherwise. The first step
     (which has no interval) and the ``warmup`` after it are not timed; the memory is the
-    training's own, without the export. The time to the first step counts everything from the
-    call of the script: loading the nets, starting the loader, the first batch and, with
+    training's own, without the export. The time until the first step is done counts from the
+    call of the script (after the shards, and latents, are written) to the logging of the first
+    loss: loading the nets, starting the loader, the first batch, the first step and, with
     ``--torch_compile``, compiling the UNets."""
     num_shards = 8
     write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
@@ -267,14 +268,14 @@ def main():
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    flops_per_step = seconds_to_first_step = None
+    flops_per_step = seconds_to_first_step_done = None
     if options.data == "synthetic":
         times, flops_per_step = measure_step(options, extra, teacher_dir)
         peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
         try:
-            times, peak_gpu_memory, seconds_to_first_step = measure_training(options, extra, teacher_dir, work_dir)
+            times, peak_gpu_memory, seconds_to_first_step_done = measure_training(options, extra, teacher_dir, work_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -299,16 +300,16 @@ def main():
         figures["achieved_tflops"] = flops_per_step / median / 1e12
         if options.peak_tflops:
             figures["fraction_of_floor"] = (flops_per_step / (options.peak_tflops * 1e12)) / median
-    if seconds_to_first_step is not None:
-        figures["seconds_to_first_step"] = seconds_to_first_step
+    if seconds_to_first_step_done is not None:
+        figures["seconds_to_first_step_done"] = seconds_to_first_step_done
     memory = figures.get("peak_memory_gib", figures.get("peak_rss_gib"))
     print(f"{device}, torch {torch.__version__}, {options.preset} preset, {options.mode} mode, {options.data} data, "
           f"batch {options.batch_size} at {options.resolution} px, {options.mixed_precision}")
     print(f"s/step: median {median:.4f}, min {min(times):.4f}, max {max(times):.4f} over {len(times)} steps")
     print(f"samples/s: {figures['samples_per_s']:.2f}")
     print(f"peak memory: {memory:.2f} GiB ({'GPU allocated' if cuda else 'process RSS'})")
-    if seconds_to_first_step is not None:
-        print(f"time to the first step: {seconds_to_first_step:.1f} s (loading, loader start, any compilation)")
+    if seconds_to_first_step_done is not None:
+        print(f"first step done after {seconds_to_first_step_done:.1f} s (loading, loader start, any compilation)")
     if flops_per_step:
         print(f"FLOPs: {flops_per_step / 1e12:.3f} TFLOP per step, achieved {figures['achieved_tflops']:.3f} TFLOP/s"
               + (f", {figures['fraction_of_floor']:.1%} of the floor" if "fraction_of_floor" in figures else ""))

@@ -57,9 +57,10 @@ def test_an_update_with_non_finite_gradients_is_skipped_and_said_so(grad_scaler)
 
 
 def test_8bit_adamw_takes_bitsandbytes_updates_without_its_device_waits(monkeypatch):
-    """The same weights and states as bitsandbytes' own AdamW8bit over three steps, both for
-    tensors with 8-bit states (4096 elements and more) and with 32-bit ones, while bitsandbytes'
-    own step waits for the device once per tensor and ours never does."""
+    """The same weights and states as bitsandbytes' own AdamW8bit over three steps, for tensors
+    with 8-bit states (4096 elements and more), with 32-bit ones and without a gradient, while
+    bitsandbytes' own step waits for the device once per updated tensor and ours never does
+    (bitsandbytes' CPU path; the waits are its ``sync_gpu``). Paged states keep the waits."""
     import bitsandbytes as bnb
     import bitsandbytes.optim.optimizer
 
@@ -68,12 +69,12 @@ def test_8bit_adamw_takes_bitsandbytes_updates_without_its_device_waits(monkeypa
     waits = []
     monkeypatch.setattr(bitsandbytes.optim.optimizer, "sync_gpu", waits.append)
     generator = torch.Generator().manual_seed(0)
-    initial = [torch.randn(64, 96, generator=generator), torch.randn(96, generator=generator)]
-    gradients = [[torch.randn_like(param) for param in initial] for _ in range(3)]
+    initial = [torch.randn(64, 96, generator=generator), torch.randn(96, generator=generator), torch.randn(8, generator=generator)]
+    gradients = [[torch.randn_like(param) for param in initial[:2]] for _ in range(3)]
 
-    def train(optimizer_class):
+    def train(optimizer_class, **options):
         params = [param.clone().requires_grad_() for param in initial]
-        optimizer = optimizer_class(params, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+        optimizer = optimizer_class(params, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8, **options)
         waits.clear()
         for step_gradients in gradients:
             for param, gradient in zip(params, step_gradients):
@@ -83,13 +84,15 @@ def test_8bit_adamw_takes_bitsandbytes_updates_without_its_device_waits(monkeypa
 
     reference, reference_optimizer, reference_waits = train(bnb.optim.AdamW8bit)
     ours, our_optimizer, our_waits = train(AdamW8bit)
-    assert reference_waits == 3 * len(initial) and our_waits == 0
+    assert reference_waits == 3 * 2 and our_waits == 0
     assert our_optimizer.state[ours[0]]["state1"].dtype == torch.uint8
     assert our_optimizer.state[ours[1]]["state1"].dtype == torch.float32
-    for theirs, mine, start in zip(reference, ours, initial):
+    assert torch.equal(ours[2], initial[2]) and not our_optimizer.state[ours[2]]
+    for theirs, mine, start in zip(reference[:2], ours[:2], initial):
         assert not torch.equal(mine, start) and torch.equal(theirs, mine)
         for key, value in reference_optimizer.state[theirs].items():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(our_optimizer.state[mine][key])), key
+    assert train(AdamW8bit, is_paged=True)[2] >= 3 * 2
 
 
 def unet_weights(path):
