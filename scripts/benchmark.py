@@ -16,7 +16,9 @@ peak memory.
 ``read_loss_and_grad_norm``, ``take_optimizer_step``, EMA) on a random batch already on the
 device, timed with CUDA events on a GPU; it also prints the FLOPs of a step (counted by
 ``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s and, given
-``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak).
+``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak), and the
+operators a step dispatches (views aside), by UNet call, backward pass and the rest: eager
+PyTorch spends host time on each, whatever the device.
 
 ``--data shards`` is the end-to-end figure: it writes JPEG shards at the resolution
 (``scripts/make_shards.py``; for ``--mode fast`` also their latents,
@@ -35,6 +37,7 @@ after ``--``.
 """
 
 import argparse
+import collections
 import contextlib
 import glob
 import json
@@ -53,6 +56,7 @@ import torch
 import transformers
 from diffusers.optimization import get_scheduler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS)
@@ -117,6 +121,37 @@ def synthetic_batch(args, models, device):
     return moments.half(), prompt_embeds.half()
 
 
+class OperatorCounter(TorchDispatchMode):
+    """Counts the operators dispatched inside it, views aside (they queue no kernel): in the
+    forward call of each of the named UNets, in the backward pass (with the recomputation of
+    gradient checkpointing) and in the rest of the step. Eager PyTorch spends host time on each,
+    so the counts say where a host-bound step's time goes, on any device."""
+
+    PHASES = ("teacher forward", "target forward", "student forward", "backward", "the rest")
+
+    def __init__(self, unets: dict):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.forward_of = None
+        self.hooks = [hook for name, unet in unets.items() for hook in (
+            unet.register_forward_pre_hook(lambda *_, name=name: setattr(self, "forward_of", name)),
+            unet.register_forward_hook(lambda *_: setattr(self, "forward_of", None)),
+        )]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            if torch._C._current_graph_task_id() != -1:
+                self.counts["backward"] += 1
+            else:
+                self.counts[f"{self.forward_of} forward" if self.forward_of else "the rest"] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __exit__(self, *exc_info):
+        for hook in self.hooks:
+            hook.remove()
+        return super().__exit__(*exc_info)
+
+
 class Timer:
     """Wall time of a step: CUDA events on a GPU, the host clock (after the work is done) elsewhere."""
 
@@ -141,8 +176,8 @@ class Timer:
 
 
 def measure_step(options, extra, teacher_dir):
-    """Step times on a synthetic batch, and the FLOPs of a step (None under torch.compile, which
-    the counter cannot see through)."""
+    """Step times on a synthetic batch, and the FLOPs and operator counts of a step (None under
+    torch.compile, which the counters cannot see through)."""
     accelerator = accelerate.Accelerator(mixed_precision=options.mixed_precision)
     args = training_args(teacher_dir, options, "synthetic", "--max_train_steps=1", *extra)
     torch.manual_seed(0)
@@ -169,6 +204,13 @@ def measure_step(options, extra, teacher_dir):
     flops_per_step = step(count_flops=not args.torch_compile)
     for _ in range(options.warmup):
         step()
+    operators = None
+    if not args.torch_compile:  # on a step after the first, which also creates the optimizer's state
+        unets = {"teacher": models.teacher_unet, "target": models.target_unet,
+                 "student": accelerator.unwrap_model(models.unet)}
+        with OperatorCounter(unets) as counter:
+            step()
+        operators = {phase: counter.counts[phase] for phase in OperatorCounter.PHASES}
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -178,7 +220,7 @@ def measure_step(options, extra, teacher_dir):
         times.append(timer.seconds)
     if options.profile_steps:
         print(profile_table(step, options.profile_steps, accelerator.device))
-    return times, flops_per_step
+    return times, flops_per_step, operators
 
 
 def profile_table(step, num_steps: int, device) -> str:
@@ -269,9 +311,9 @@ def main():
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    flops_per_step = seconds_to_first_step_done = None
+    flops_per_step = operators = seconds_to_first_step_done = None
     if options.data == "synthetic":
-        times, flops_per_step = measure_step(options, extra, teacher_dir)
+        times, flops_per_step, operators = measure_step(options, extra, teacher_dir)
         peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
@@ -301,6 +343,8 @@ def main():
         figures["achieved_tflops"] = flops_per_step / median / 1e12
         if options.peak_tflops:
             figures["fraction_of_floor"] = (flops_per_step / (options.peak_tflops * 1e12)) / median
+    if operators:
+        figures["operators_per_step"] = operators
     if seconds_to_first_step_done is not None:
         figures["seconds_to_first_step_done"] = seconds_to_first_step_done
     memory = figures.get("peak_memory_gib", figures.get("peak_rss_gib"))
@@ -314,6 +358,9 @@ def main():
     if flops_per_step:
         print(f"FLOPs: {flops_per_step / 1e12:.3f} TFLOP per step, achieved {figures['achieved_tflops']:.3f} TFLOP/s"
               + (f", {figures['fraction_of_floor']:.1%} of the floor" if "fraction_of_floor" in figures else ""))
+    if operators:
+        print(f"operators per step, views aside: {sum(operators.values())} ("
+              + ", ".join(f"{phase} {count}" for phase, count in operators.items()) + ")")
     if options.out:
         with open(options.out, "w") as handle:
             json.dump(figures, handle, indent=2)

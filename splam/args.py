@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                           help="Overrides accelerate's config.")
     training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
-    training.add_argument("--cast_teacher_unet", action="store_true", help="Keep the teacher UNet in the half-precision dtype.")
+    training.add_argument("--cast_teacher_unet", action="store_true",
+                          help="Keep the whole teacher UNet, norms included, in the half-precision dtype (without it, "
+                               "under fp16 or bf16, only its convolutions and linear layers are: fp32's math under autocast).")
     training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                           help="Use xformers' attention (PyTorch's SDPA is the default).")
     training.add_argument("--channels_last", action="store_true",

@@ -66,6 +66,21 @@ def load_teacher_unet(args) -> UNet2DConditionModel:
     )
 
 
+def store_autocast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the weights of ``model``'s convolutions and linear layers in ``dtype``, the half dtype
+    autocast runs those layers in, and leave everything else (the norms) in float32.
+
+    A frozen float32 net called under autocast has each of these weights cast to ``dtype`` on
+    every call (468 casts per SD 1.5 UNet call); autocast runs the norms in float32 whatever their
+    weights' dtype. Stored this way the net computes bit for bit what it did, without the casts
+    and with half the memory for those weights. Unlike ``--cast_teacher_unet``, which stores the
+    norms in the half dtype too, this leaves the math as it was."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.to(dtype)
+    return model
+
+
 def freeze(model):
     model.requires_grad_(False)
     return model.eval()

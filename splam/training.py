@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import DistributedType
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae
+from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae, store_autocast_weights
 from .objective import (
     consistency_output,
     distillation_loss,
@@ -64,8 +64,9 @@ def mixed_precision_autocast(accelerator):
 def build_distillation_models(args, accelerator, teacher_scheduler) -> DistillationModels:
     """Load the frozen nets, build the student and its EMA target (fp32, SPEC section 1), move all
     to the device, and apply the memory and speed options."""
-    # The VAE and text encoder (and the teacher with --cast_teacher_unet) are stored in the half
-    # dtype where the step computes in it: no weight casts on every call.
+    # The frozen VAE and text encoder (and the teacher with --cast_teacher_unet) are stored in the
+    # half dtype where the step computes in it, and the teacher's convolutions and linear layers
+    # otherwise: no weight casts on every call.
     weight_dtype = half_dtype(accelerator) or torch.float32
     tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
     teacher_unet = load_teacher_unet(args)
@@ -73,7 +74,10 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     target_unet = build_target(unet)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
-    teacher_unet.to(accelerator.device, dtype=weight_dtype if args.cast_teacher_unet else torch.float32)
+    if args.cast_teacher_unet:
+        teacher_unet.to(accelerator.device, dtype=weight_dtype)
+    else:
+        store_autocast_weights(teacher_unet.to(accelerator.device), weight_dtype)
     # The student goes to the device before the optimizer is made, so that AdamW takes its fused kernel there.
     for model in (unet, target_unet):
         model.to(accelerator.device)

@@ -6,24 +6,45 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from splam.args import parse_args
-from splam.models import load_teacher_scheduler
+from splam.models import load_teacher_scheduler, load_teacher_unet
 from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
 
 from conftest import RESOLUTION, run_script
 
 
+def teacher_args(tiny_teacher):
+    return parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused", "--max_train_steps=1"])
+
+
+def conv_and_linear_weights(unet) -> int:
+    """How many weights and biases of convolutions and linear layers ``unet`` has."""
+    return sum(1 for module in unet.modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))
+               for _ in module.parameters(recurse=False))
+
+
 def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     out = str(tmp_path / "figures.json")
     result = run_script("scripts/benchmark.py", "--preset", "tiny", "--teacher_dir", tiny_teacher, "--batch_size", "2",
-                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "1", "--peak_tflops", "1", "--profile_steps", "1", "--out", out)
+                        "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "1", "--peak_tflops", "1", "--profile_steps", "1",
+                        "--mixed_precision", "bf16", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
-    for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor", "Self CPU time total"):
+    for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor", "Self CPU time total",
+                 "operators per step, views aside:"):
         assert text in result.stdout, text
     figures = json.load(open(out))
     assert figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
     assert figures["tflop_per_step"] > 0 and figures["samples_per_s"] == pytest.approx(2 / figures["s_per_step"]["median"])
+    # Same architecture, one call each (the teacher's twice as wide): under autocast the fp32
+    # target's convolution and linear weights are cast on every call, the teacher's are stored for it.
+    operators = figures["operators_per_step"]
+    assert list(operators) == ["teacher forward", "target forward", "student forward", "backward", "the rest"]
+    stored_weights = conv_and_linear_weights(load_teacher_unet(teacher_args(tiny_teacher)))
+    assert 0 < operators["teacher forward"] <= operators["target forward"] - stored_weights
+    assert operators["backward"] > operators["student forward"]
 
 
 @pytest.mark.parametrize("mode", ["readme", "fast", "fast-eager"])
@@ -83,6 +104,48 @@ def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
 
 
+def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(tiny_teacher):
+    """Under mixed precision the teacher's convolutions and linear layers are stored in the half
+    dtype and its norms in float32: under autocast its output is bit for bit that of the float32
+    teacher, and its weights are no longer cast on every call."""
+    args = teacher_args(tiny_teacher)
+    AcceleratorState._reset_state()  # one process holds one accelerator state; the other tests' are float32
+    try:
+        stored = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="bf16"), load_teacher_scheduler(args)).teacher_unet
+    finally:
+        AcceleratorState._reset_state()
+    dtypes = {(type(module).__name__, param.dtype) for module in stored.modules() for param in module.parameters(recurse=False)}
+    assert dtypes == {("Conv2d", torch.bfloat16), ("Linear", torch.bfloat16),
+                      ("GroupNorm", torch.float32), ("LayerNorm", torch.float32)}
+
+    reference = load_teacher_unet(args)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in reference.parameters():  # norms away from 1 and 0, which every dtype holds exactly
+            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+        stored.load_state_dict(reference.state_dict())
+    x, t = torch.randn(2, 4, 8, 8, generator=generator), torch.tensor([19, 999])
+    embeds = torch.randn(2, 77, reference.config.cross_attention_dim, generator=generator)
+
+    def call(unet):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), CountCasts() as casts:
+            return unet(x, t, encoder_hidden_states=embeds).sample, casts.count
+
+    (expected, reference_casts), (output, stored_casts) = call(reference), call(stored)
+    assert torch.equal(output, expected)
+    assert reference_casts - stored_casts >= conv_and_linear_weights(stored) > 0
+
+
+class CountCasts(TorchDispatchMode):
+    """Counts the dtype casts dispatched inside it."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
 def test_precomputed_latents_leave_the_loss_unchanged(tiny_teacher):
     """Training from stored posterior moments and prompt embeddings is the same step as training
     from images and captions: same z draw, same emptied prompts."""
@@ -92,7 +155,7 @@ def test_precomputed_latents_leave_the_loss_unchanged(tiny_teacher):
 
 
 def test_one_batched_teacher_call_equals_two(tiny_teacher):
-    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused", "--max_train_steps=1"])
+    args = teacher_args(tiny_teacher)
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
     torch.manual_seed(0)
     x = torch.randn(3, 4, 8, 8)
