@@ -139,7 +139,9 @@ def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(
 class CountCasts(TorchDispatchMode):
     """Counts the dtype casts dispatched inside it."""
 
-    count = 0
+    def __init__(self):
+        super().__init__()
+        self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func is torch.ops.aten._to_copy.default
