@@ -19,13 +19,14 @@ import logging
 import math
 import os
 import sys
+from datetime import timedelta
 
 import diffusers
 import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DynamoBackend, ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
@@ -92,16 +93,24 @@ def check_accelerate_config(accelerator) -> None:
                          "--torch_compile, which compiles the three UNets in place, so that checkpoints keep their names")
 
 
-def main(args):
-    # ---- Set up ------------------------------------------------------------------------
-    accelerator = Accelerator(
+def make_accelerator(args) -> Accelerator:
+    # A collective waits --nccl_timeout seconds for the other processes (PyTorch's default
+    # without it), e.g. while the main process alone writes a checkpoint to a slow disk.
+    process_group = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))] if args.nccl_timeout else []
+    return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to.split(","),
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
+        kwargs_handlers=process_group,
     )
+
+
+def main(args):
+    # ---- Set up ------------------------------------------------------------------------
+    accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for library in (transformers, diffusers):
         (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process

@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--max_nonfinite_steps", type=int, default=10,
                           help="Stop after this many optimizer steps in a row with a NaN or inf loss or gradient.")
     training.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")
+    training.add_argument("--nccl_timeout", type=int, default=None,
+                          help="Seconds a collective (NCCL, or gloo on CPUs) waits for the other processes before it "
+                               "fails; raise it where the main process alone writes checkpoints to a slow disk. "
+                               "Default: PyTorch's (10 minutes for NCCL).")
 
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N optimizer steps.")

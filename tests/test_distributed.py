@@ -56,6 +56,37 @@ def torchrun(teacher, shards, output_dir, *flags, env=None, check=True):
     return result
 
 
+SLOW_MAIN_PROCESS = """
+import sys, time
+sys.path.insert(0, {repo_root!r})
+from splam.args import parse_args
+from train_splam_distill_sd_wds import make_accelerator
+
+accelerator = make_accelerator(parse_args(sys.argv[1:]))
+if accelerator.is_main_process:
+    time.sleep(5)  # as it does writing a checkpoint alone
+accelerator.wait_for_everyone()
+print("all arrived", flush=True)
+"""
+
+
+def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp_path):
+    """The training script's accelerator on 2 processes: the others wait at a collective for a main
+    process 5 s late; with --nccl_timeout=1 they give up, with 60 they wait."""
+    program = tmp_path / "slow_main_process.py"
+    program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+
+    def launch(seconds):
+        return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
+                          "--train_shards_path_or_url=unused", "--max_train_steps=1", f"--nccl_timeout={seconds}", env=env)
+
+    impatient = launch(1)
+    assert impatient.returncode != 0 and "Timed out waiting 1000ms" in impatient.stderr
+    patient = launch(60)
+    assert patient.returncode == 0 and patient.stdout.count("all arrived") == 2, patient.stderr[-3000:]
+
+
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):
     output_dir = str(tmp_path / "ddp")
     flags = ["--gradient_accumulation_steps=2", "--checkpointing_steps=2", "--checkpoints_total_limit=2",
