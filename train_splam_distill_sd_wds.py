@@ -94,9 +94,14 @@ def check_accelerate_config(accelerator) -> None:
 
 
 def make_accelerator(args) -> Accelerator:
-    # A collective waits --nccl_timeout seconds for the other processes (PyTorch's default
-    # without it), e.g. while the main process alone writes a checkpoint to a slow disk.
-    process_group = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))] if args.nccl_timeout else []
+    process_group = []
+    if args.nccl_timeout:
+        # Collectives wait --nccl_timeout seconds for the other processes (e.g. for the main process
+        # writing a checkpoint alone). accelerate passes on only the fields that differ from the
+        # handler's defaults, so 600 s (its default, for NCCL) would leave gloo at PyTorch's 1800.
+        handler = InitProcessGroupKwargs(timeout=timedelta(seconds=args.nccl_timeout))
+        handler.to_kwargs = lambda: {"timeout": handler.timeout}
+        process_group.append(handler)
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,

@@ -31,8 +31,7 @@ Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-
 loader workers) on images and token ids, ``readme-adamw`` the same with torch's AdamW;
 ``fast`` trains from precomputed latents and prompt embeddings
 (``--train_latents_path_or_url``: no VAE encode or text encoder in the step), drops
-checkpointing and 8-bit Adam and adds a half-precision teacher, channels-last and
-torch.compile; ``fast-eager`` is ``fast`` without torch.compile. Any training flag can be added
+checkpointing and 8-bit Adam and adds channels-last and torch.compile; ``fast-eager`` is ``fast`` without torch.compile. Any training flag can be added
 after ``--``.
 """
 
@@ -89,8 +88,8 @@ from splam.training import (  # noqa: E402
 MODES = {
     "readme": ("--train_shards_path_or_url", ["--gradient_checkpointing", "--use_8bit_adam"]),
     "readme-adamw": ("--train_shards_path_or_url", ["--gradient_checkpointing"]),
-    "fast": ("--train_latents_path_or_url", ["--cast_teacher_unet", "--channels_last", "--torch_compile"]),
-    "fast-eager": ("--train_latents_path_or_url", ["--cast_teacher_unet", "--channels_last"]),
+    "fast": ("--train_latents_path_or_url", ["--channels_last", "--torch_compile"]),
+    "fast-eager": ("--train_latents_path_or_url", ["--channels_last"]),
 }
 README_LOADER_WORKERS = 8
 

@@ -147,7 +147,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--num_ddim_timesteps must be positive, got {args.num_ddim_timesteps}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
-    for name in ("max_train_steps", "max_train_samples", "num_train_epochs"):
+    for name in ("max_train_steps", "max_train_samples", "num_train_epochs", "nccl_timeout"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("center_crop", "random_flip"):

@@ -77,7 +77,7 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     if args.cast_teacher_unet:
         teacher_unet.to(accelerator.device, dtype=weight_dtype)
     else:
-        store_autocast_weights(teacher_unet.to(accelerator.device), weight_dtype)
+        store_autocast_weights(teacher_unet, weight_dtype).to(accelerator.device)
     # The student goes to the device before the optimizer is made, so that AdamW takes its fused kernel there.
     for model in (unet, target_unet):
         model.to(accelerator.device)

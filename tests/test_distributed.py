@@ -58,11 +58,14 @@ def torchrun(teacher, shards, output_dir, *flags, env=None, check=True):
 
 SLOW_MAIN_PROCESS = """
 import sys, time
+import torch
 sys.path.insert(0, {repo_root!r})
 from splam.args import parse_args
 from train_splam_distill_sd_wds import make_accelerator
 
 accelerator = make_accelerator(parse_args(sys.argv[1:]))
+gloo = torch.distributed.group.WORLD._get_backend(torch.device("cpu"))
+print("timeout", gloo.options._timeout, flush=True)
 if accelerator.is_main_process:
     time.sleep(5)  # as it does writing a checkpoint alone
 accelerator.wait_for_everyone()
@@ -72,7 +75,8 @@ print("all arrived", flush=True)
 
 def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp_path):
     """The training script's accelerator on 2 processes: the others wait at a collective for a main
-    process 5 s late; with --nccl_timeout=1 they give up, with 60 they wait."""
+    process 5 s late; with --nccl_timeout=1 they give up, with 600 (accelerate's own default for
+    NCCL, which its InitProcessGroupKwargs would leave out, and gloo's then 1800) they wait."""
     program = tmp_path / "slow_main_process.py"
     program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
@@ -83,8 +87,9 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
 
     impatient = launch(1)
     assert impatient.returncode != 0 and "Timed out waiting 1000ms" in impatient.stderr
-    patient = launch(60)
+    patient = launch(600)
     assert patient.returncode == 0 and patient.stdout.count("all arrived") == 2, patient.stderr[-3000:]
+    assert patient.stdout.count("timeout 0:10:00") == 2
 
 
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):
