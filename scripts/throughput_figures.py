@@ -6,11 +6,12 @@
 
 Each row is one ``scripts/benchmark.py`` run in its own process, most important first: the
 README's flags end to end, with torch's AdamW (the figure the throughput goal compares with the
-authors' script, timed so) and as written (8-bit Adam), the fast mode end to end without
-torch.compile, the README's flags at batch 4 (does it fit a 24 GB card?), the fast mode end to
-end with torch.compile (minutes of compilation before its first step), then the step alone in
-both modes (with the FLOP count, for the fraction of the floor, and a profile of 3 more steps in
-the log: where to look next). All rows share one teacher folder.
+authors' script, timed so) and as written (8-bit Adam); the authors' math with the speed options
+that keep it and only the frozen UNets compiled; the fast mode end to end without torch.compile;
+the README's flags at batch 4 (does it fit a 24 GB card?); the authors' math and the fast mode
+with all three UNets compiled (minutes of compilation before their first step); then the step
+alone in two modes (with the FLOP count, for the fraction of the floor, and a profile of 3 more
+steps in the log: where to look next). All rows share one teacher folder.
 ``out_dir`` gets ``benchmark.log`` (every run's output), ``figures.json`` (rewritten after
 each row, so a run cut short keeps what it finished) and ``table.md``; the table is also printed.
 """
@@ -38,8 +39,12 @@ def rows(options):
     return {
         "readme-adamw-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw", "--data", "shards"],
         "readme-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--data", "shards"],
+        "readme-adamw-fast-frozen-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw-fast",
+                                            "--data", "shards", "--torch_compile=frozen"],
         "fast-eager-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast-eager", "--data", "shards"],
         "readme-24gb": [*full, "--batch_size", str(options.small_batch_size), "--mode", "readme"],
+        "readme-adamw-fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw-fast",
+                                     "--data", "shards"],
         "fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--data", "shards"],
         "readme-step": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--profile_steps", "3"],
         "fast-step": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--profile_steps", "3"],

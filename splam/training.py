@@ -92,7 +92,8 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.torch_compile:
-        for model in (teacher_unet, unet, target_unet):
+        compiled = (teacher_unet, target_unet) if args.torch_compile == "frozen" else (teacher_unet, unet, target_unet)
+        for model in compiled:
             model.compile()
 
     solver = DDIMSolver(

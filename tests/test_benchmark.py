@@ -16,8 +16,9 @@ from splam.training import build_distillation_models, encode_batch, encode_promp
 from conftest import RESOLUTION, run_script
 
 
-def teacher_args(tiny_teacher):
-    return parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused", "--max_train_steps=1"])
+def teacher_args(tiny_teacher, *flags):
+    return parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused",
+                       "--max_train_steps=1", *flags])
 
 
 def conv_and_linear_weights(unet) -> int:
@@ -98,10 +99,24 @@ def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
     return splam_loss(latents, prompt_embeds, models, args, contextlib.nullcontext).item()
 
 
-@pytest.mark.parametrize("option", ["--channels_last", "--torch_compile", "--gradient_checkpointing"])
+@pytest.mark.parametrize("option", ["--channels_last", "--torch_compile", "--torch_compile=frozen", "--gradient_checkpointing"])
 def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     reference = fixed_step_loss(tiny_teacher)
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("scope, compiled", [("", {"teacher_unet", "unet", "target_unet"}),
+                                             ("=all", {"teacher_unet", "unet", "target_unet"}),
+                                             ("=frozen", {"teacher_unet", "target_unet"})])
+def test_torch_compile_compiles_the_unets_it_names_in_place(tiny_teacher, scope, compiled):
+    """``--torch_compile`` compiles the three UNets; ``=frozen`` only the teacher and the target,
+    which run without gradients, so the student's backward is not compiled. In place: the
+    checkpoints' parameter names stay those of the plain UNets."""
+    args = teacher_args(tiny_teacher, f"--torch_compile{scope}")
+    models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    unets = {name: getattr(models, name) for name in ("teacher_unet", "unet", "target_unet")}
+    assert {name for name, unet in unets.items() if unet._compiled_call_impl is not None} == compiled
+    assert all(not key.startswith("_orig_mod") for unet in unets.values() for key in unet.state_dict())
 
 
 def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(tiny_teacher):
