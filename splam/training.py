@@ -91,11 +91,6 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
             model.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.torch_compile:
-        compiled = (teacher_unet, target_unet) if args.torch_compile == "frozen" else (teacher_unet, unet, target_unet)
-        for model in compiled:
-            model.compile()
-
     solver = DDIMSolver(
         teacher_scheduler.alphas_cumprod,
         timesteps=teacher_scheduler.config.num_train_timesteps,
@@ -107,6 +102,14 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
             [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
         ).input_ids
         uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
+    if args.torch_compile:
+        # In place, so that checkpoints keep the plain names, and after the empty prompt's encoding,
+        # which would compile the text encoder for a shape no step uses. "frozen" leaves out the
+        # student, whose backward is most of the compilation's minutes. Training from latents never
+        # calls the encoders, so they are not compiled then (compilation happens at the first call).
+        compiled = [text_encoder, vae.encoder, teacher_unet, target_unet] + ([unet] if args.torch_compile == "all" else [])
+        for model in compiled:
+            model.compile()
     return DistillationModels(tokenizer, text_encoder, vae, teacher_unet, unet, target_unet, solver,
                               uncond_input_ids, uncond_prompt_embeds)
 

@@ -105,18 +105,19 @@ def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
 
 
-@pytest.mark.parametrize("scope, compiled", [("", {"teacher_unet", "unet", "target_unet"}),
-                                             ("=all", {"teacher_unet", "unet", "target_unet"}),
-                                             ("=frozen", {"teacher_unet", "target_unet"})])
-def test_torch_compile_compiles_the_unets_it_names_in_place(tiny_teacher, scope, compiled):
-    """``--torch_compile`` compiles the three UNets; ``=frozen`` only the teacher and the target,
-    which run without gradients, so the student's backward is not compiled. In place: the
+@pytest.mark.parametrize("scope, compiled", [("", {"text_encoder", "encoder", "teacher_unet", "unet", "target_unet"}),
+                                             ("=all", {"text_encoder", "encoder", "teacher_unet", "unet", "target_unet"}),
+                                             ("=frozen", {"text_encoder", "encoder", "teacher_unet", "target_unet"})])
+def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, scope, compiled):
+    """``--torch_compile`` compiles the text encoder, the VAE's encoder and the three UNets;
+    ``=frozen`` only the nets that run without gradients, so the student's backward is not compiled. In place: the
     checkpoints' parameter names stay those of the plain UNets."""
     args = teacher_args(tiny_teacher, f"--torch_compile{scope}")
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
-    unets = {name: getattr(models, name) for name in ("teacher_unet", "unet", "target_unet")}
-    assert {name for name, unet in unets.items() if unet._compiled_call_impl is not None} == compiled
-    assert all(not key.startswith("_orig_mod") for unet in unets.values() for key in unet.state_dict())
+    nets = {"encoder": models.vae.encoder, "decoder": models.vae.decoder, "text_encoder": models.text_encoder,
+            **{name: getattr(models, name) for name in ("teacher_unet", "unet", "target_unet")}}
+    assert {name for name, net in nets.items() if net._compiled_call_impl is not None} == compiled
+    assert all(not key.startswith("_orig_mod") for net in nets.values() for key in net.state_dict())
 
 
 def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(tiny_teacher):
