@@ -28,11 +28,13 @@ interval between the wall times of consecutive steps in its tensorboard log (the
 read back on every step, so those follow the device).
 
 Modes: ``readme`` is the seed README's command (fp16, gradient checkpointing, 8-bit Adam, 8
-loader workers) on images and token ids, ``readme-adamw`` the same with torch's AdamW;
+loader workers) on images and token ids, ``readme-adamw`` the same with torch's AdamW,
+``readme-adamw-fast`` that math without checkpointing, with channels-last and torch.compile;
 ``fast`` trains from precomputed latents and prompt embeddings
 (``--train_latents_path_or_url``: no VAE encode or text encoder in the step), drops
-checkpointing and 8-bit Adam and adds channels-last and torch.compile; ``fast-eager`` is ``fast`` without torch.compile. Any training flag can be added
-after ``--``.
+checkpointing and 8-bit Adam and adds channels-last and torch.compile; ``fast-eager`` is
+``fast`` without torch.compile. Any training flag can be added after ``--`` (for instance
+``--torch_compile=frozen``, which compiles all but the student).
 """
 
 import argparse

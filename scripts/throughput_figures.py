@@ -7,9 +7,9 @@
 Each row is one ``scripts/benchmark.py`` run in its own process, most important first: the
 README's flags end to end, with torch's AdamW (the figure the throughput goal compares with the
 authors' script, timed so) and as written (8-bit Adam); the authors' math with the speed options
-that keep it and only the frozen UNets compiled; the fast mode end to end without torch.compile;
+that keep it and only the nets without gradients compiled; the fast mode end to end without torch.compile;
 the README's flags at batch 4 (does it fit a 24 GB card?); the authors' math and the fast mode
-with all three UNets compiled (minutes of compilation before their first step); then the step
+with all nets compiled (minutes of compilation before their first step); then the step
 alone in two modes (with the FLOP count, for the fraction of the floor, and a profile of 3 more
 steps in the log: where to look next). All rows share one teacher folder.
 ``out_dir`` gets ``benchmark.log`` (every run's output), ``figures.json`` (rewritten after

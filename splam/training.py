@@ -91,6 +91,7 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
             model.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+
     solver = DDIMSolver(
         teacher_scheduler.alphas_cumprod,
         timesteps=teacher_scheduler.config.num_train_timesteps,

@@ -110,8 +110,8 @@ def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
                                              ("=frozen", {"text_encoder", "encoder", "teacher_unet", "target_unet"})])
 def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, scope, compiled):
     """``--torch_compile`` compiles the text encoder, the VAE's encoder and the three UNets;
-    ``=frozen`` only the nets that run without gradients, so the student's backward is not compiled. In place: the
-    checkpoints' parameter names stay those of the plain UNets."""
+    ``=frozen`` only the nets that run without gradients, so the student's backward is not
+    compiled. In place: the checkpoints' parameter names stay those of the plain UNets."""
     args = teacher_args(tiny_teacher, f"--torch_compile{scope}")
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
     nets = {"encoder": models.vae.encoder, "decoder": models.vae.decoder, "text_encoder": models.text_encoder,
