@@ -88,7 +88,7 @@ from splam.training import (  # noqa: E402
 # the mode whose math matches that baseline. ``readme-adamw-fast`` is that math with every speed
 # option that leaves it unchanged (no gradient checkpointing, which only saves memory). The fast
 # modes train from precomputed latents, whose crop and flip are fixed per sample; ``fast-eager``
-# is the fast mode without torch.compile, whose compilation takes minutes.
+# is the fast mode without torch.compile (which spends minutes compiling).
 MODES = {
     "readme": ("--train_shards_path_or_url", ["--gradient_checkpointing", "--use_8bit_adam"]),
     "readme-adamw": ("--train_shards_path_or_url", ["--gradient_checkpointing"]),
