@@ -90,7 +90,7 @@ def check_accelerate_config(accelerator) -> None:
         raise SetupError(f"mixed precision {accelerator.mixed_precision!r} is not supported: use no, fp16 or bf16")
     if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:
         raise SetupError("set dynamo_backend: 'no' in the accelerate config (or launch with --dynamo_backend no) and pass "
-                         "--torch_compile, which compiles the UNets in place, so that checkpoints keep their names")
+                         "--torch_compile, which compiles the nets in place, so that checkpoints keep their names")
 
 
 def make_accelerator(args) -> Accelerator:

@@ -263,7 +263,7 @@ def measure_training(options, extra, teacher_dir, work_dir):
     training's own, without the export. The time until the first step is done counts from the
     call of the script (after the shards, and latents, are written) to the logging of the first
     loss: loading the nets, starting the loader, the first batch, the first step and, with
-    ``--torch_compile``, compiling the UNets."""
+    ``--torch_compile``, compiling the nets."""
     num_shards = 8
     write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
     data_url = os.path.join(work_dir, "shards", f"{{00000..{num_shards - 1:05d}}}.tar")

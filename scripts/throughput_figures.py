@@ -4,14 +4,21 @@
     python scripts/throughput_figures.py --out_dir figures --peak_tflops 800          # on a GPU
     python scripts/throughput_figures.py --out_dir figures --rows readme-shards,readme-24gb
 
-Each row is one ``scripts/benchmark.py`` run in its own process, most important first: the
-README's flags end to end, with torch's AdamW (the figure the throughput goal compares with the
-authors' script, timed so) and as written (8-bit Adam); the authors' math with the speed options
-that keep it and only the nets without gradients compiled; the fast mode end to end without torch.compile;
-the README's flags at batch 4 (does it fit a 24 GB card?); the authors' math and the fast mode
-with all nets compiled (minutes of compilation before their first step); then the step
-alone in two modes (with the FLOP count, for the fraction of the floor, and a profile of 3 more
-steps in the log: where to look next). All rows share one teacher folder.
+Each row is one ``scripts/benchmark.py`` run in its own process, most important first, all end to
+end on shards but the last three:
+
+- ``readme-adamw-shards``: the README's flags with torch's AdamW, the math the authors' script was
+  timed with, which the throughput goal compares against;
+- ``readme-adamw-fast-frozen-shards`` and ``readme-adamw-fast-shards``: that math with the speed
+  options that keep it, with the nets that run without gradients compiled, then all of them
+  (minutes of compilation before the first step);
+- ``readme-shards``: the README's flags as written (8-bit Adam);
+- ``fast-shards`` and ``fast-eager-shards``: from precomputed latents, compiled and not;
+- ``readme-24gb``: the README's flags at batch 4 (does it fit a 24 GB card?);
+- ``readme-step`` and ``fast-step``: the step alone, with the FLOP count (for the fraction of the
+  floor) and a profile of 3 more steps in the log (where to look next).
+
+All rows share one teacher folder.
 ``out_dir`` gets ``benchmark.log`` (every run's output), ``figures.json`` (rewritten after
 each row, so a run cut short keeps what it finished) and ``table.md``; the table is also printed.
 """
@@ -35,19 +42,22 @@ AUTHORS_SAMPLES_PER_S = {"NVIDIA H100 80GB HBM3": 12 / 0.525}
 
 def rows(options):
     """``{name: benchmark flags}``, in the order they run."""
-    full = ["--preset", options.preset, "--resolution", str(options.resolution)]
+
+    def row(mode, *flags, batch_size=options.batch_size):
+        return ["--preset", options.preset, "--resolution", str(options.resolution), "--batch_size", str(batch_size),
+                "--mode", mode, *flags]
+
+    shards = ("--data", "shards")
     return {
-        "readme-adamw-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw", "--data", "shards"],
-        "readme-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--data", "shards"],
-        "readme-adamw-fast-frozen-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw-fast",
-                                            "--data", "shards", "--torch_compile=frozen"],
-        "fast-eager-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast-eager", "--data", "shards"],
-        "readme-24gb": [*full, "--batch_size", str(options.small_batch_size), "--mode", "readme"],
-        "readme-adamw-fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "readme-adamw-fast",
-                                     "--data", "shards"],
-        "fast-shards": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--data", "shards"],
-        "readme-step": [*full, "--batch_size", str(options.batch_size), "--mode", "readme", "--profile_steps", "3"],
-        "fast-step": [*full, "--batch_size", str(options.batch_size), "--mode", "fast", "--profile_steps", "3"],
+        "readme-adamw-shards": row("readme-adamw", *shards),
+        "readme-adamw-fast-frozen-shards": row("readme-adamw-fast", *shards, "--torch_compile=frozen"),
+        "readme-adamw-fast-shards": row("readme-adamw-fast", *shards),
+        "readme-shards": row("readme", *shards),
+        "fast-shards": row("fast", *shards),
+        "fast-eager-shards": row("fast-eager", *shards),
+        "readme-24gb": row("readme", batch_size=options.small_batch_size),
+        "readme-step": row("readme", "--profile_steps", "3"),
+        "fast-step": row("fast", "--profile_steps", "3"),
     }
 
 

@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--channels_last", action="store_true",
                           help="Channels-last memory format for the UNets and the VAE (faster convolutions on recent GPUs).")
     training.add_argument("--torch_compile", nargs="?", const="all", default=None, choices=["all", "frozen"],
-                          help="torch.compile in place the text encoder, the VAE's encoder and the teacher, target and student UNets "
-                               "(the flag alone, or 'all'), or with 'frozen' only the nets that run without gradients, "
-                               "leaving out the costliest part of the compilation, the student's backward. Minutes "
-                               "before the first step.")
+                          help="torch.compile in place the teacher, target and student UNets and, when training from "
+                               "images, the text encoder and the VAE's encoder (the flag alone, or 'all'), or with "
+                               "'frozen' only the nets that run without gradients, leaving out the costliest part of "
+                               "the compilation, the student's forward and backward. Minutes before the first step.")
     training.add_argument("--max_nonfinite_steps", type=int, default=10,
                           help="Stop after this many optimizer steps in a row with a NaN or inf loss or gradient.")
     training.add_argument("--vae_encode_batch_size", type=int, default=32, help="Images per VAE encode call.")

@@ -104,12 +104,14 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
         ).input_ids
         uncond_prompt_embeds = encode_prompts(uncond_input_ids, text_encoder).float()
     if args.torch_compile:
-        # In place, so that checkpoints keep the plain names, and after the empty prompt's encoding,
-        # which would compile the text encoder for a shape no step uses. "frozen" leaves out the
-        # student, whose backward is most of the compilation's minutes. Training from latents never
-        # calls the encoders, so they are not compiled then (compilation happens at the first call).
-        compiled = [text_encoder, vae.encoder, teacher_unet, target_unet] + ([unet] if args.torch_compile == "all" else [])
-        for model in compiled:
+        # In place, so that checkpoints keep the plain names. "frozen" leaves out the student, whose
+        # forward and backward are most of the compilation's minutes. The encoders are compiled only
+        # where the steps call them, and after the empty prompt's encoding, so that their first
+        # compilation is for the training batch's shape rather than one more for a single prompt.
+        to_compile = [teacher_unet, target_unet] + ([unet] if args.torch_compile == "all" else [])
+        if not args.train_latents_path_or_url:
+            to_compile += [text_encoder, vae.encoder]
+        for model in to_compile:
             model.compile()
     return DistillationModels(tokenizer, text_encoder, vae, teacher_unet, unet, target_unet, solver,
                               uncond_input_ids, uncond_prompt_embeds)

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import time
+import types
 
 import pytest
 import torch
@@ -16,9 +18,8 @@ from splam.training import build_distillation_models, encode_batch, encode_promp
 from conftest import RESOLUTION, run_script
 
 
-def teacher_args(tiny_teacher, *flags):
-    return parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused",
-                       "--max_train_steps=1", *flags])
+def teacher_args(tiny_teacher, *flags, source="--train_shards_path_or_url=unused"):
+    return parse_args([f"--pretrained_teacher_model={tiny_teacher}", source, "--max_train_steps=1", *flags])
 
 
 def conv_and_linear_weights(unet) -> int:
@@ -53,18 +54,35 @@ def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_pa
     """``--data shards`` writes shards (and, in the fast modes, their latents) and times the
     training script's own steps from its log, after the warm-up ones."""
     out = str(tmp_path / "figures.json")
+    started = time.time()
     result = run_script("scripts/benchmark.py", "--preset", "tiny", "--teacher_dir", tiny_teacher, "--batch_size", "2",
                         "--resolution", str(RESOLUTION), "--steps", "3", "--warmup", "2", "--mode", mode,
                         "--data", "shards", "--out", out, "--", "--dataloader_num_workers=1")
+    benchmark_seconds = time.time() - started
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Optimizer steps = 6" in result.stderr and "Saved the distilled pipeline" in result.stderr
     assert ("Train with --train_latents_path_or_url" in result.stdout) == mode.startswith("fast")
     figures = json.load(open(out))
     assert figures["data"] == "shards" and figures["timed_steps"] == 3
     assert figures["optimizer"] == ("AdamW8bit" if mode == "readme" else "AdamW")
-    # seconds since the script was called, on the clock of tensorboard's wall times
-    assert 0 < figures["seconds_to_first_step_done"] < 120 and "first step done after" in result.stdout
+    # seconds from the training script's call to its first logged step, within the benchmark's
+    # own run (how long depends on the compilation and its cache: minutes when cold)
+    assert 0 < figures["seconds_to_first_step_done"] < benchmark_seconds and "first step done after" in result.stdout
     assert 0 < figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
+
+
+def test_the_fast_mode_of_the_authors_math_changes_only_options_that_keep_it():
+    """``readme-adamw-fast``, the mode for the 2x goal, trains what ``readme-adamw`` (the README's
+    command with the authors' optimizer) trains: only options that leave the math unchanged differ."""
+    from benchmark import training_args
+
+    def parsed(mode):
+        options = types.SimpleNamespace(mode=mode, resolution=512, batch_size=12, mixed_precision="fp16")
+        return vars(training_args("teacher", options, "shards.tar", "--max_train_steps=1"))
+
+    exact, fast = parsed("readme-adamw"), parsed("readme-adamw-fast")
+    assert {name for name in exact if exact[name] != fast[name]} == {"gradient_checkpointing", "channels_last", "torch_compile"}
+    assert not fast["gradient_checkpointing"] and fast["channels_last"] and fast["torch_compile"] == "all"
 
 
 def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
@@ -84,8 +102,7 @@ def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
     """The fp32 loss of one step on a fixed batch with fixed random draws; ``from_latents`` feeds
     the batch as precomputed posterior moments and prompt embeddings."""
     source = "--train_latents_path_or_url=unused" if from_latents else "--train_shards_path_or_url=unused"
-    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", source,
-                       "--max_train_steps=1", f"--resolution={RESOLUTION}", "--seed=0", *flags])
+    args = teacher_args(tiny_teacher, f"--resolution={RESOLUTION}", "--seed=0", *flags, source=source)
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
     generator = torch.Generator().manual_seed(1)
     inputs = torch.rand((3, 3, RESOLUTION, RESOLUTION), generator=generator) * 2 - 1
@@ -105,17 +122,26 @@ def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
 
 
-@pytest.mark.parametrize("scope, compiled", [("", {"text_encoder", "encoder", "teacher_unet", "unet", "target_unet"}),
-                                             ("=all", {"text_encoder", "encoder", "teacher_unet", "unet", "target_unet"}),
-                                             ("=frozen", {"text_encoder", "encoder", "teacher_unet", "target_unet"})])
-def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, scope, compiled):
-    """``--torch_compile`` compiles the text encoder, the VAE's encoder and the three UNets;
-    ``=frozen`` only the nets that run without gradients, so the student's backward is not
-    compiled. In place: the checkpoints' parameter names stay those of the plain UNets."""
-    args = teacher_args(tiny_teacher, f"--torch_compile{scope}")
+UNETS = {"teacher_unet", "unet", "target_unet"}
+
+
+@pytest.mark.parametrize("flag, source, compiled", [
+    ("--torch_compile", "--train_shards_path_or_url=unused", {"text_encoder", "encoder", *UNETS}),
+    ("--torch_compile=all", "--train_shards_path_or_url=unused", {"text_encoder", "encoder", *UNETS}),
+    ("--torch_compile=frozen", "--train_shards_path_or_url=unused", {"text_encoder", "encoder", "teacher_unet", "target_unet"}),
+    ("--torch_compile", "--train_latents_path_or_url=unused", UNETS),
+    ("--torch_compile=frozen", "--train_latents_path_or_url=unused", {"teacher_unet", "target_unet"}),
+])
+def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, flag, source, compiled):
+    """``--torch_compile`` compiles the three UNets and, where the steps encode images and
+    prompts, the text encoder and the VAE's encoder; ``=frozen`` only the nets that run without
+    gradients, so the student's forward and backward are not compiled. In place: the
+    checkpoints' parameter names stay those of the plain nets."""
+    args = teacher_args(tiny_teacher, flag, source=source)
     models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
     nets = {"encoder": models.vae.encoder, "decoder": models.vae.decoder, "text_encoder": models.text_encoder,
-            **{name: getattr(models, name) for name in ("teacher_unet", "unet", "target_unet")}}
+            **{name: getattr(models, name) for name in UNETS}}
+    # nn.Module.compile() compiles in place by setting this; the module stays the same object.
     assert {name for name, net in nets.items() if net._compiled_call_impl is not None} == compiled
     assert all(not key.startswith("_orig_mod") for net in nets.values() for key in net.state_dict())
 
