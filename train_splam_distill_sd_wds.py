@@ -35,15 +35,18 @@ from splam import update_ema
 from splam.args import SetupError, parse_args, public_config, redact_secrets
 from splam.checkpoints import (
     CheckpointError,
-    agree_on_resume_checkpoint,
+    apply_hyperparameters,
+    claim_output_dir,
     ema_checksums,
+    optimizer_hyperparameters,
+    prepare_output_dir,
     read_training_state,
     register_unet_hooks,
     save_checkpoint,
 )
 from splam.data import DataError, DataStats, ShardStream, make_train_dataloader, train_shard_urls, train_batches, training_samples
 from splam.export import export_pipeline
-from splam.hub import HubPublisher
+from splam.hub import HubError, HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
 from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
 from splam.training import (
@@ -105,7 +108,7 @@ def make_accelerator(args) -> Accelerator:
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=args.report_to.split(","),
+        log_with=[tracker for tracker in args.report_to.split(",") if tracker != "none"],
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
@@ -122,16 +125,16 @@ def main(args):
          else library.utils.logging.set_verbosity_error)()
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
+    prepare_output_dir(args.output_dir)
     check_accelerate_config(accelerator)
     check_fsdp_options(accelerator, args)
     configure_deepspeed(accelerator, args)
     check_optional_dependencies(args)
     shard_urls = train_shard_urls(args)
-    resume_path = agree_on_resume_checkpoint(accelerator, args.output_dir, args.resume_from_checkpoint)
+    # output_lock stays held while main runs: a second run into output_dir is refused.
+    resume_path, output_lock = claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint)
     resume_state = read_training_state(resume_path) if resume_path else None
     if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
         raise SetupError(
@@ -139,6 +142,9 @@ def main(args):
         )
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
+    if args.hub_token is not None:
+        logger.warning("--hub_token is on the command line, which accelerate launch prints in full if this process "
+                       "fails: prefer HF_TOKEN or `hf auth login`")
     teacher_scheduler = load_teacher_scheduler(args)
     publisher = None
     if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
@@ -179,14 +185,17 @@ def main(args):
         logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each draws from all "
                        "shards, so some samples may be read by more than one")
 
-    # accelerate steps a prepared lr scheduler once per process per optimizer step.
+    # Stepped once per update taken (take_optimizer_step), not prepared: accelerate would step it
+    # once per process, which ties its position to the process count and breaks a resume on another.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
     )
-    models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
+    hyperparameters = optimizer_hyperparameters(optimizer)
+    models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
     unet, target_unet = models.unet, models.target_unet
     autocast = mixed_precision_autocast(accelerator)
     register_unet_hooks(accelerator, target_unet)
@@ -194,15 +203,26 @@ def main(args):
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
 
-    global_step, first_segment, data_stats = 0, 0, DataStats()
+    # What fixes the data stream: any change makes the batches after a resume differ from those
+    # of an uninterrupted run.
+    data_stream = {"batches_per_segment": batches_per_segment, "train_batch_size": args.train_batch_size,
+                   "num_processes": accelerator.num_processes, "dataloader_num_workers": args.dataloader_num_workers,
+                   "shuffle_buffer_size": args.shuffle_buffer_size, "seed": args.seed,
+                   "shards": args.train_latents_path_or_url or args.train_shards_path_or_url}
+    global_step, first_segment, samples_seen, data_stats = 0, 0, 0, DataStats()
     if resume_state is not None:
         logger.info(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
         global_step, first_segment = resume_state["global_step"], resume_state["data_segment"]
+        samples_seen = resume_state["samples_seen"]
         data_stats.update(resume_state["data_stats"])
-        if resume_state["batches_per_segment"] != batches_per_segment:
-            logger.warning("--checkpointing_steps or --gradient_accumulation_steps changed since the checkpoint: "
-                           "the data stream goes on from a new position, so this resume is not exact")
+        changed = [name for name, value in data_stream.items() if resume_state["data_stream"][name] != value]
+        if changed:
+            logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
+                           "from an uninterrupted run's, so this resume is not exact")
+        changes = apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
+        if changes:
+            logger.warning(f"Optimizer settings changed since the checkpoint, this run's apply: {'; '.join(changes)}")
 
     logger.info("***** Running SPLAM distillation *****")
     logger.info(f"  Batch size per process = {args.train_batch_size}, processes = {accelerator.num_processes}, "
@@ -240,6 +260,7 @@ def main(args):
         # While the grad scaler settles, inf gradients are normal: only a non-finite loss counts then.
         step_is_finite = math.isfinite(loss_value) and (accelerator.scaler is not None or update_taken)
         global_step += 1
+        samples_seen += global_batch_size
         progress_bar.update(1)
         nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row:
@@ -249,7 +270,7 @@ def main(args):
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
                     "lower --learning_rate or check the teacher and the data"
                 )
-        logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+        logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                 "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
         if grad_norm_value is not None:
             logs["grad_norm"] = grad_norm_value
@@ -262,7 +283,8 @@ def main(args):
             training_state = {
                 "global_step": global_step,
                 "data_segment": first_segment + math.ceil(batches_seen / batches_per_segment),
-                "batches_per_segment": batches_per_segment,
+                "data_stream": data_stream,
+                "samples_seen": samples_seen,
                 "data_stats": dict(data_stats),
                 "optimizer": optimizer_name(args),
             }
@@ -299,7 +321,8 @@ def main(args):
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
         export_pipeline(
             args, tokenizer, text_encoder, vae, target_unet, student,
-            teacher_scheduler.config, global_step, global_step * global_batch_size,
+            teacher_scheduler.config, global_step, samples_seen,
+            repo_id=publisher.repo_id if publisher is not None else None,
         )
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")
         if publisher is not None:
@@ -314,7 +337,7 @@ if __name__ == "__main__":
     sys.argv = redact_secrets(sys.argv)
     try:
         main(arguments)
-    except (SetupError, CheckpointError, NonFiniteError) as error:
+    except (SetupError, CheckpointError, NonFiniteError, HubError) as error:
         sys.exit(f"error: {error}")
     except DataError as error:
         # Raised in a loader worker, it arrives with the worker's traceback; its last line is the message.

@@ -6,6 +6,9 @@ that the seed README's command runs unchanged.
 
 import argparse
 
+from accelerate.utils import LoggerType
+from diffusers.optimization import SchedulerType
+
 DEFAULT_VALIDATION_PROMPTS = [
     "a photograph of an astronaut riding a horse",
     "a painting of a majestic kingdom with towering castles, lush gardens, ice and snow world",
@@ -17,6 +20,12 @@ DEFAULT_VALIDATION_PROMPTS = [
 class SetupError(Exception):
     """A run that cannot start as configured; reported as one line, before weights are loaded."""
 
+
+# The step counts validation and the exported sample grid use (on the --num_ddim_timesteps grid).
+VALIDATION_STEPS = (1, 2, 4)
+# diffusers' schedules but the one that needs a rules string this script has no flag for.
+LR_SCHEDULES = [schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT]
+TRACKERS = (*(tracker.value for tracker in LoggerType), "none")
 
 # Keys that must never reach a tracker, a log line or a written file.
 SECRET_ARGS = ("hub_token",)
@@ -80,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the student's activations in backward.")
     training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warm-up.")
     training.add_argument("--scale_lr", action="store_true", help="Multiply the lr by the global batch size.")
-    training.add_argument("--lr_scheduler", type=str, default="constant",
-                          help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".')
+    training.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULES,
+                          help="diffusers' schedule of the lr over the optimizer steps, after --lr_warmup_steps.")
     training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimizer steps.")
     training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
     training.add_argument("--adam_beta1", type=float, default=0.9)
@@ -121,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     logging = parser.add_argument_group("logging and validation")
     logging.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
     logging.add_argument("--report_to", type=str, default="tensorboard",
-                         help='"tensorboard", "wandb", "comet_ml", "all" or a comma-separated list.')
+                         help='"tensorboard", "wandb", "comet_ml" or another accelerate tracker, a comma-separated '
+                              'list of them, "all", or "none".')
     logging.add_argument("--tracker_project_name", type=str, default="splam-distill", help="Project name in the trackers.")
     logging.add_argument("--validation_steps", type=int, default=200, help="Sample the validation prompts every N steps.")
     logging.add_argument("--validation_prompts", type=str, nargs="+", default=DEFAULT_VALIDATION_PROMPTS)
@@ -146,8 +156,25 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--learning_rate must not be negative, got {args.learning_rate}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}")
-    if args.num_ddim_timesteps < 1:
-        parser.error(f"--num_ddim_timesteps must be positive, got {args.num_ddim_timesteps}")
+    if args.num_ddim_timesteps < max(VALIDATION_STEPS):
+        parser.error(f"--num_ddim_timesteps must be at least {max(VALIDATION_STEPS)}, the most steps validation samples "
+                     f"with on its grid, got {args.num_ddim_timesteps}")
+    if args.unet_time_cond_proj_dim < 4:
+        parser.error(f"--unet_time_cond_proj_dim must be at least 4, the narrowest sinusoidal embedding of gamma, "
+                     f"got {args.unet_time_cond_proj_dim}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
+    for name in ("adam_weight_decay", "adam_epsilon", "lr_warmup_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
+    if args.max_grad_norm <= 0:
+        parser.error(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
+    trackers = [name.strip() for name in args.report_to.split(",")]
+    unknown = [name for name in trackers if name not in TRACKERS]
+    if unknown or ("none" in trackers and len(trackers) > 1):
+        parser.error(f"--report_to takes one or more of {', '.join(TRACKERS[:-1])}, or none alone; got {args.report_to!r}")
+    args.report_to = ",".join(trackers)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     for name in ("max_train_steps", "max_train_samples", "num_train_epochs", "nccl_timeout"):

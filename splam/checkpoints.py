@@ -5,13 +5,23 @@ student in ``unet/``, the EMA target in ``unet_target/`` and ``training_state.js
 
 A checkpoint is written into a hidden staging folder and renamed into place once
 complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that ``latest``
-would pick up; older checkpoints are rotated out only after that rename.
+would pick up; older checkpoints are rotated out only after that rename, each renamed
+to a hidden name before it is deleted, so a kill mid-delete leaves no half checkpoint either.
+
+``latest`` and the rotation go by step number, so the checkpoints in ``output_dir`` must all
+be this run's history: a run refuses to start where ``output_dir`` holds checkpoints newer
+than its own starting step (another run's, or those after the one it rolls back to).
 """
 
+import fcntl
+import glob
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import tempfile
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -22,10 +32,29 @@ from .sharding import whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
+LOCK_FILE = ".training.lock"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the previous ones are intact."""
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` and check that this process can write into it (every process writes
+    its RNG state into each checkpoint)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SetupError(f"--output_dir {output_dir} exists and is not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise SetupError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from error
+
+
+def checkpoint_step(path: str) -> int:
+    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
 
 
 def list_checkpoints(output_dir: str) -> list:
@@ -36,6 +65,32 @@ def list_checkpoints(output_dir: str) -> list:
         int(match.group(1)) for match in map(CHECKPOINT_PATTERN.match, os.listdir(output_dir)) if match is not None
     )
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
+
+
+def check_checkpoints_are_complete(output_dir: str) -> None:
+    """Refuse a ``checkpoint-<step>`` folder without ``training_state.json`` (a copy cut short,
+    another script's checkpoint): ``latest`` could not resume from it and the rotation would delete it."""
+    foreign = [os.path.basename(path) for path in list_checkpoints(output_dir)
+               if not os.path.isfile(os.path.join(path, TRAINING_STATE))]
+    if foreign:
+        raise SetupError(f"{output_dir} holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not a "
+                         f"complete checkpoint of this script (no {TRAINING_STATE}): move it out of the folder")
+
+
+def check_no_newer_checkpoints(output_dir: str, resume_path) -> None:
+    """Refuse to start where ``output_dir`` holds checkpoints newer than this run's first step:
+    ``latest`` would later resume from them, and the rotation would delete this run's
+    checkpoints before them, both going by step number."""
+    start_step = read_training_state(resume_path)["global_step"] if resume_path else 0
+    newer = [os.path.basename(path) for path in list_checkpoints(output_dir) if checkpoint_step(path) > start_step]
+    if not newer:
+        return
+    if resume_path is None:
+        raise SetupError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(newer)}): continue it with "
+                         "--resume_from_checkpoint=latest, or move them out of the folder to start a new run there")
+    raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path}, which this run resumes from "
+                     f"({', '.join(newer)}): move them out of the folder first, or --resume_from_checkpoint=latest "
+                     "would later pick them up again")
 
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
@@ -57,19 +112,49 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     return resume_from_checkpoint
 
 
-def agree_on_resume_checkpoint(accelerator, output_dir: str, resume_from_checkpoint):
-    """``resolve_resume_checkpoint`` on the main process, its answer (or its error) on all."""
-    answer = [None]
+def lock_output_dir(output_dir: str):
+    """An exclusive lock on ``output_dir`` for this run's lifetime (keep the returned file open):
+    two runs in one folder would rotate each other's checkpoints away. The second might be a
+    relaunch while the first still trains: ``accelerate launch`` stopped by a signal leaves its
+    training process running. The operating system drops the lock when the holder dies, however."""
+    handle = open(os.path.join(output_dir, LOCK_FILE), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise SetupError(f"another run is training into {output_dir} ({holder}): stop it first (stopping "
+                         "accelerate launch alone leaves its training process running)") from None
+    except OSError as error:  # some network and FUSE filesystems take no locks
+        logger.warning(f"cannot lock {output_dir} ({error.strerror}): nothing stops a second run from using it too")
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
+    """Lock ``output_dir`` for this run, check its checkpoints and pick the one to resume from
+    (``resolve_resume_checkpoint``), on the main process; returns ``(resume path, lock)`` on all
+    processes (the lock ``None`` but on the main one), or raises the main process's error on all."""
+    answer, lock = [None], None
     if accelerator.is_main_process:
         try:
-            answer = [(resolve_resume_checkpoint(output_dir, resume_from_checkpoint), None)]
+            lock = lock_output_dir(output_dir)
+            check_checkpoints_are_complete(output_dir)
+            path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+            check_no_newer_checkpoints(output_dir, path)
+            answer = [(path, None)]
         except SetupError as error:
             answer = [(None, str(error))]
     broadcast_object_list(answer)
     path, error = answer[0]
     if error is not None:
         raise SetupError(error)
-    return path
+    return path, lock
 
 
 def read_training_state(checkpoint_path: str) -> dict:
@@ -132,8 +217,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
         if accelerator.is_main_process:
             with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
                 json.dump(training_state, handle, indent=2)
-            if os.path.isdir(final_path):
-                shutil.rmtree(final_path)
             os.replace(staging_path, final_path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         if accelerator.is_main_process:
@@ -141,6 +224,43 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
         raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error
     if accelerator.is_main_process and total_limit is not None:
         for old_path in list_checkpoints(output_dir)[:-total_limit]:
-            shutil.rmtree(old_path)
+            os.replace(old_path, os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting"))
+        for doomed_path in glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):  # also those a kill left
+            shutil.rmtree(doomed_path)
     accelerator.wait_for_everyone()
     return final_path
+
+
+# How apply_hyperparameters names the settings it reports.
+HYPERPARAMETER_FLAGS = {"initial_lr": "learning rate", "weight_decay": "--adam_weight_decay",
+                        "betas": "--adam_beta1, --adam_beta2", "eps": "--adam_epsilon"}
+
+
+def optimizer_hyperparameters(optimizer) -> list:
+    """Each param group's hyperparameters (all but its parameters), to pass to
+    ``apply_hyperparameters`` after a resume."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer, lr_scheduler, hyperparameters) -> list:
+    """After ``accelerator.load_state``: go on from the checkpoint's optimizer state (moments,
+    step counts) and schedule position with this run's hyperparameters, as
+    ``optimizer_hyperparameters`` read them before the load; returns the changes, as text.
+
+    Loading restores the saved param groups, hyperparameters included, and the schedule's base
+    rates, which would silently undo a changed ``--learning_rate``. diffusers' schedules are
+    ``LambdaLR``: ``lr = initial_lr * lr_lambda(step)``, recomputed here from the new rates
+    (unchanged, the same number the schedule's last step set).
+    """
+    changes = []
+    for group, flags in zip(optimizer.param_groups, hyperparameters):
+        for key, value in flags.items():
+            if key == "lr":
+                continue
+            if key in group and group[key] != value:
+                changes.append(f"{HYPERPARAMETER_FLAGS.get(key, key)} {group[key]} -> {value}")
+            group[key] = value
+    lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    for group, base_lr, lr_lambda in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+        group["lr"] = base_lr * lr_lambda(lr_scheduler.last_epoch)
+    return changes

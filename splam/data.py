@@ -150,10 +150,10 @@ def first_present(sample: dict, keys):
 
 def decode_caption(raw, stats: DataStats) -> str:
     try:
-        caption = raw.decode("utf-8")
+        caption = raw.decode("utf-8-sig")  # a byte-order mark is not part of the caption
     except UnicodeDecodeError:
         stats["caption_not_utf8"] += 1
-        caption = raw.decode("utf-8", errors="replace")
+        caption = raw.decode("utf-8-sig", errors="replace")
     return caption.strip()
 
 
@@ -259,7 +259,9 @@ class ImageTextSamples:
     """What a training sample is in image-text shards: an image and its caption, batched as
     ``(pixels [B, 3, R, R], input_ids [B, 77])``."""
 
-    usable, flag = "captioned image", "--train_shards_path_or_url"
+    usable = (f"captioned image ({', '.join('.' + key for key in IMAGE_KEYS)} with "
+              f"{', '.join('.' + key for key in CAPTION_KEYS)})")
+    flag = "--train_shards_path_or_url"
 
     def __init__(self, transform: ImageTransform, tokenizer):
         self.transform = transform

@@ -16,8 +16,9 @@ GRID_FILE = "samples.png"
 
 
 def export_pipeline(args, tokenizer, text_encoder, vae, target_unet, online_unet, teacher_scheduler_config,
-                    global_step: int, samples_seen: int) -> None:
-    """Save the distilled pipeline, a grid of its samples and its model card into ``args.output_dir``.
+                    global_step: int, samples_seen: int, repo_id=None) -> None:
+    """Save the distilled pipeline, a grid of its samples and its model card into ``args.output_dir``;
+    ``repo_id`` is the Hub repository it goes to, if any, for the card's usage snippet.
 
     ``text_encoder`` and ``vae`` must be float32 copies (training may hold them in half precision).
     """
@@ -28,6 +29,6 @@ def export_pipeline(args, tokenizer, text_encoder, vae, target_unet, online_unet
     seed = 0 if args.seed is None else args.seed
     images = sample_validation_images(pipeline.to(target_unet.device), args.validation_prompts, args.resolution, seed)
     image_grid(list(images.values())).save(os.path.join(args.output_dir, GRID_FILE))
-    card = model_card(args, global_step, samples_seen, GRID_FILE, teacher_license(args))
+    card = model_card(args, global_step, samples_seen, GRID_FILE, teacher_license(args), repo_id)
     with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)

@@ -21,6 +21,10 @@ PIPELINE_FILES = [
 CHECKPOINT_FILES = ["unet/*", "unet_target/*"]
 
 
+class HubError(RuntimeError):
+    """The final upload failed; the pipeline is complete on the local disk."""
+
+
 class HubPublisher:
     """Creates ``repo_id`` (if needed) at once, so that a wrong token or name fails before training."""
 
@@ -60,10 +64,14 @@ class HubPublisher:
 
     def push_pipeline(self, output_dir: str) -> str:
         """Upload the distilled pipeline, its model card and its sample grid; returns the commit URL."""
-        commit = self.api.upload_folder(
-            repo_id=self.repo_id,
-            folder_path=output_dir,
-            allow_patterns=PIPELINE_FILES,
-            commit_message="SPLAM-distilled pipeline",
-        )
+        try:
+            commit = self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=output_dir,
+                allow_patterns=PIPELINE_FILES,
+                commit_message="SPLAM-distilled pipeline",
+            )
+        except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
+            raise HubError(f"uploading the pipeline to {self.repo_id} failed ({' '.join(str(error).split())}); it is "
+                           f"complete in {output_dir}: upload its files listed in the README (Publishing) from there") from error
         return commit.commit_url

@@ -26,14 +26,21 @@ def teacher_license(args):
     return card.data.license
 
 
-def model_card(args, global_step: int, samples_seen: int, grid_file: str, license_name=None) -> str:
-    """YAML metadata, what the model is, how to use it, how it was trained (no secrets), the sample grid."""
-    repo_name = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+def model_card(args, global_step: int, samples_seen: int, grid_file: str, license_name=None, repo_id=None) -> str:
+    """YAML metadata, what the model is, how to use it, how it was trained (no secrets), the sample grid.
+    ``repo_id`` is the Hub repository, with its namespace; without one the card names the model
+    as ``--hub_model_id`` or the output folder would be called."""
+    repo_name = repo_id or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
     settings = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(public_config(args).items()))
+    teacher = args.pretrained_teacher_model
+    # The Hub refuses a card whose base_model is not one of its models, as a local folder is not.
+    teacher_on_hub = not os.path.isdir(teacher)
+    base_model_line = f"base_model: {teacher}\n" if teacher_on_hub else ""
+    teacher_link = (f"[`{teacher}`](https://huggingface.co/{teacher})" if teacher_on_hub
+                    else f"`{os.path.basename(os.path.normpath(teacher))}`")
     license_line = f"license: {license_name}\n" if license_name else ""
     return f"""---
-base_model: {args.pretrained_teacher_model}
-{license_line}library_name: diffusers
+{base_model_line}{license_line}library_name: diffusers
 pipeline_tag: text-to-image
 tags:
 - splam
@@ -47,7 +54,7 @@ inference: true
 # {repo_name}
 
 A 1 to 4 step text-to-image model distilled from
-[`{args.pretrained_teacher_model}`](https://huggingface.co/{args.pretrained_teacher_model}) with the
+{teacher_link} with the
 Sub-path Linear Approximation Model (SPLAM, Xu et al., ECCV 2024, arXiv 2404.13903).
 `unet/` is the EMA target network; the scheduler is `LCMScheduler`.
 

@@ -53,7 +53,12 @@ def load_text_encoder_and_vae(args):
     if args.pretrained_vae_model_name_or_path is None:
         vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", **common)
     else:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        try:
+            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        except OSError as error:
+            reason = " ".join(str(error).split())
+            raise SetupError(f"cannot load the VAE {args.pretrained_vae_model_name_or_path!r} (a VAE's own folder or Hub "
+                             f"id, e.g. a pipeline's vae/ folder): {reason}") from error
     return tokenizer, freeze(text_encoder), freeze(vae)
 
 

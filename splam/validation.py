@@ -13,9 +13,8 @@ import torch
 from diffusers import LatentConsistencyModelPipeline
 from PIL import Image
 
+from .args import VALIDATION_STEPS
 from .training import mixed_precision_autocast
-
-VALIDATION_STEPS = (1, 2, 4)
 
 
 def few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> LatentConsistencyModelPipeline:

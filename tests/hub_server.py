@@ -93,6 +93,12 @@ class FakeHub:
                         metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else {}
                     except yaml.YAMLError as error:
                         return self.reply(400, {"errors": [{"message": str(error)}]})
+                    # As the Hub: a model card's base_model must name models on the Hub, not local folders.
+                    base_models = metadata.get("base_model") or []
+                    for value in [base_models] if isinstance(base_models, str) else base_models:
+                        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(value)):
+                            return self.reply(400, {"error": f'"base_model" with value "{value}" is not valid. '
+                                                             "Use a model id from https://hf.co/models."})
                     hub.validated_metadata.append(metadata)
                     return self.reply(200, {"errors": [], "warnings": []})
                 match = re.fullmatch(r"/api/models/(.+?)/(preupload|commit)/(.+)", path)

@@ -177,13 +177,15 @@ def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch
         {"__key__": "small", "jpg": jpeg_bytes("blue", (8, 6)), "txt": "tiny"},
         {"__key__": "huge", "png": encoded(Image.new("RGB", (2000, 2000), "white")), "txt": "too big"},
         {"__key__": "large_jpeg", "jpg": jpeg_bytes("green", (1600, 1200)), "txt": "large but fine"},
+        {"__key__": "byte_order_mark", "jpg": good, "txt": "\ufeffa caption saved by Notepad".encode("utf-8")},
     ]
     shard = write_tar(tmp_path / "dirty.tar", samples)
     # PIL's decompression-bomb limit, lowered so that a 4-megapixel image stands for a giant one.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2_500_000)
     stats = DataStats()
     decoded = read_all([shard], resolution=32, stats=stats)
-    assert [caption for _, caption in decoded] == ["fine", "caf\ufffd au lait", "tiny", "large but fine"]
+    assert [caption for _, caption in decoded] == ["fine", "caf\ufffd au lait", "tiny", "large but fine",
+                                                  "a caption saved by Notepad"]
     assert stats == DataStats(undecodable_image=2, empty_caption=1, caption_not_utf8=1, image_upscaled=1, image_too_large=1)
     assert stats.skipped() == 4 and stats.repaired() == 2
 
@@ -229,7 +231,7 @@ def shard_stream(urls, tokenizer, **overrides):
 
 def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
     shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
-    with pytest.raises(DataError, match="no captioned image in 8 shards in a row"):
+    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in 8 shards in a row"):
         next(iter(shard_stream(shards, tokenizer)))
 
 

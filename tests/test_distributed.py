@@ -4,6 +4,7 @@ them, and DeepSpeed ZeRO-2 on one process."""
 import io
 import os
 
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
@@ -11,7 +12,7 @@ from transformers import CLIPTokenizer
 
 from splam.data import ImageTextSamples, ImageTransform, ShardStream, make_train_dataloader, train_batches
 
-from conftest import REPO_ROOT, RESOLUTION, logged_scalars, run_script, training_command
+from conftest import LEARNING_RATE, REPO_ROOT, RESOLUTION, WARMUP_STEPS, launch, logged_scalars, run_script, training_command
 
 
 def keyed_shards(directory, num_shards=8, samples_per_shard=6):
@@ -114,6 +115,11 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     assert torch.isfinite(image).all()
     # Only the main process writes: one tensorboard run per launch, one exported pipeline.
     assert len(logged_scalars(output_dir, "loss")) == 2
+
+    # On one process the lr schedule goes on where it was: it counts updates, not processes.
+    third = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=7", *flags)
+    assert "num_processes changed since the checkpoint" in third.stderr
+    assert logged_scalars(output_dir, "lr")[-1] == {7: pytest.approx(LEARNING_RATE * 7 / WARMUP_STEPS)}
 
 
 def fsdp_config_env():

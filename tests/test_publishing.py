@@ -6,7 +6,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from splam.hub import HubPublisher
+from splam.args import parse_args
+from splam.hub import HubError, HubPublisher
+from splam.model_card import model_card
 
 from conftest import launch, run_script
 from hub_server import USER, FakeHub
@@ -83,7 +85,9 @@ def test_the_model_card(pushed_run):
     metadata = yaml.safe_load(text.split("---")[1])
     assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
     assert {"splam", "lcm", "distillation"} <= set(metadata["tags"])
-    assert metadata["license"] == "mit" and metadata["base_model"].endswith("tiny-sd")
+    # The teacher is a local folder, which the Hub refuses as a base_model (its test server too).
+    assert metadata["license"] == "mit" and "base_model" not in metadata
+    assert f'DiffusionPipeline.from_pretrained("{USER}/splam-tiny")' in text
     assert ModelCard.load(os.path.join(output_dir, "README.md")).data.license == "mit"
     assert "4 optimizer steps (8 samples seen)" in text
     assert "![Samples at 1, 2 and 4 steps](samples.png)" in text and os.path.exists(os.path.join(output_dir, "samples.png"))
@@ -93,6 +97,23 @@ def test_the_model_card(pushed_run):
 
     grid = Image.open(os.path.join(output_dir, "samples.png"))
     assert grid.size == (2 * 64, 3 * 64)
+
+
+def test_a_teacher_from_the_hub_is_the_cards_base_model():
+    args = parse_args(["--pretrained_teacher_model=runwayml/stable-diffusion-v1-5", "--train_shards_path_or_url=x.tar",
+                       "--max_train_steps=1", "--output_dir=runs/splam-sd15"])
+    text = model_card(args, 1, 12, "samples.png")
+    assert yaml.safe_load(text.split("---")[1])["base_model"] == "runwayml/stable-diffusion-v1-5"
+    assert "(https://huggingface.co/runwayml/stable-diffusion-v1-5)" in text
+    assert 'from_pretrained("splam-sd15")' in text
+
+
+def test_a_failed_final_upload_says_where_the_pipeline_is(hub, tmp_path):
+    publisher = HubPublisher("refused", token=FLAG_TOKEN)
+    (tmp_path / "model_index.json").write_text("{}")
+    hub.fail_commits = 1
+    with pytest.raises(HubError, match=f"uploading the pipeline to {USER}/refused failed .*; it is complete in {tmp_path}"):
+        publisher.push_pipeline(str(tmp_path))
 
 
 def test_token_from_the_environment(hub, monkeypatch, tmp_path):

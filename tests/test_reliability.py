@@ -1,5 +1,6 @@
 """A run that survives kills, dirty data, wrong command lines and numerical faults."""
 
+import fcntl
 import glob
 import io
 import json
@@ -64,6 +65,41 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_teacher, tiny_shar
         assert_same_weights(os.path.join(uninterrupted, folder), os.path.join(killed, folder))
 
 
+def test_a_relaunch_while_the_run_still_trains_is_refused(tiny_teacher, tiny_shards, tmp_path):
+    """``accelerate launch`` stopped by a signal leaves its training process running: a relaunch
+    into the same folder is refused while that one trains, and goes ahead once it has stopped."""
+    output_dir = str(tmp_path / "run")
+    launcher = subprocess.Popen(
+        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=100000")],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    lock_path = os.path.join(output_dir, ".training.lock")
+    deadline = time.time() + 300
+    while not (os.path.exists(lock_path) and open(lock_path).read().startswith("process")):
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before it locked its folder"
+        time.sleep(0.05)
+    launcher.terminate()
+    launcher.wait()
+    trainer = int(open(lock_path).read().split()[1])
+    try:
+        os.kill(trainer, 0)  # the training process outlived its launcher
+        relaunch = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
+                                                "--resume_from_checkpoint=latest"))
+    finally:
+        os.kill(trainer, signal.SIGKILL)
+    errors = [line for line in relaunch.stderr.splitlines() if line.startswith("error:")]
+    assert relaunch.returncode != 0 and errors, relaunch.stderr[-2000:]
+    assert f"another run is training into {output_dir} (process {trainer} on" in errors[0]
+    with open(lock_path) as lock:  # the kernel drops a dead process's lock
+        while time.time() < deadline:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.05)
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1", "--resume_from_checkpoint=latest")
+
+
 def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_path):
     output_dir = tmp_path / "run"
     launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--checkpointing_steps=2")
@@ -75,6 +111,32 @@ def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_
                     "--resume_from_checkpoint=latest")
     assert "Resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert logged_scalars(str(output_dir), "loss")[-1].keys() == {3}
+
+
+def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny_teacher, tiny_shards, tmp_path):
+    """``latest`` and the rotation go by step number, so a new run in a folder with checkpoints, or
+    a roll-back to an older one, would lose its own checkpoints to them: it stops at once."""
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", "--checkpointing_steps=2")
+    before = sorted(os.listdir(output_dir))
+    rolled_back = os.path.join(output_dir, "checkpoint-2")
+    for flags, expected in [
+        ([], f"{output_dir} holds checkpoints of an earlier run (checkpoint-2, checkpoint-4)"),
+        ([f"--resume_from_checkpoint={rolled_back}"], f"holds checkpoints newer than {rolled_back}, which this run resumes from (checkpoint-4)"),
+    ]:
+        result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6",
+                                              "--checkpointing_steps=3", "--checkpoints_total_limit=1", *flags))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+        assert "Loading weights" not in result.stderr
+    assert sorted(os.listdir(output_dir)) == before
+    # With the abandoned checkpoint moved away the roll-back goes on, and rotates out the older one.
+    shutil.move(os.path.join(output_dir, "checkpoint-4"), str(tmp_path / "abandoned"))
+    tracker_runs = len(logged_scalars(output_dir, "loss"))
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=3", "--checkpointing_steps=3",
+           "--checkpoints_total_limit=1", f"--resume_from_checkpoint={rolled_back}", "--report_to=none")
+    assert [name for name in os.listdir(output_dir) if "checkpoint" in name] == ["checkpoint-3"]
+    assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):
@@ -156,7 +218,7 @@ def test_a_stream_with_nothing_usable_stops_with_one_line(tiny_teacher, tmp_path
             writer.write({"__key__": f"k{index}", "txt": "a caption without an image"})
     result = run_script(*training_command(tiny_teacher, str(shard), str(tmp_path / "run"), "--max_train_steps=2"), timeout=300)
     assert result.returncode != 0
-    assert "error: no captioned image in 8 shards in a row" in result.stderr
+    assert "error: no captioned image (.jpg, .jpeg, .png, .webp with .txt, .text, .caption) in 8 shards in a row" in result.stderr
 
 
 def hidden_packages_env(tmp_path, *packages):
@@ -187,9 +249,20 @@ CASES = {
     "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
     "xformers missing": (["--enable_xformers_memory_efficient_attention"], "needs xformers"),
     "resume path missing": (["--resume_from_checkpoint={tmp}/checkpoint-9"], "no such folder"),
+    "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
+    "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
     "resolution": (["--resolution=60"], "--resolution must be a multiple of 8"),
     "checkpoint limit": (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1"),
     "ema decay": (["--ema_decay=1.0"], "--ema_decay must lie in [0, 1)"),
+    "too few sub-paths to sample 4 steps": (["--num_ddim_timesteps=2"], "--num_ddim_timesteps must be at least 4"),
+    "gamma embedding too narrow": (["--unet_time_cond_proj_dim=1"], "--unet_time_cond_proj_dim must be at least 4"),
+    "adam beta": (["--adam_beta1=1.5"], "--adam_beta1 must lie in [0, 1)"),
+    "negative warm-up": (["--lr_warmup_steps=-5"], "--lr_warmup_steps must not be negative"),
+    "no clipping norm": (["--max_grad_norm=0"], "--max_grad_norm must be positive"),
+    "lr schedule without its rules": (["--lr_scheduler=piecewise_constant"], "--lr_scheduler: invalid choice"),
+    "tracker": (["--report_to=tensorboard,none"], "--report_to takes one or more of"),
+    "foreign checkpoint folder": (["MKDIR={tmp}/out/checkpoint-99", "--resume_from_checkpoint=latest"],
+                                  "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
     "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
@@ -205,6 +278,9 @@ def test_bad_arguments_fail_fast_with_one_line(case, tiny_teacher, tiny_shards, 
     for flag in flags:
         if flag.startswith("HIDE="):
             env = dict(hidden_packages_env(tmp_path, flag[5:]), HF_HUB_OFFLINE="1")
+            continue
+        if flag.startswith("MKDIR="):
+            os.makedirs(flag[6:].format(tmp=tmp_path))
             continue
         if flag.startswith("ENV="):
             name, _, value = flag[4:].partition("=")

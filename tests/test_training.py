@@ -101,12 +101,14 @@ def unet_weights(path):
 
 @pytest.fixture(scope="module")
 def resumed_run(tiny_teacher, tiny_shards, tmp_path_factory):
-    """4 steps with a checkpoint every 2 (limit 1), then a resume from `latest` to 6 steps."""
+    """4 steps with a checkpoint every 2 (limit 1), then a resume from `latest` to 6 steps with
+    twice the learning rate and batches of 3 instead of 2."""
     output_dir = str(tmp_path_factory.mktemp("run") / "splam")
     common = ["--checkpointing_steps=2", "--checkpoints_total_limit=1", "--resume_from_checkpoint=latest"]
     first = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", *common)
     after_first = sorted(os.listdir(output_dir))
-    second = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6", *common)
+    second = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6", *common,
+                    f"--learning_rate={2 * LEARNING_RATE}", "--train_batch_size=3")
     return output_dir, first, second, after_first
 
 
@@ -116,20 +118,23 @@ def test_checkpoints_are_written_and_rotated(resumed_run):
     assert [name for name in after_first if name.startswith("checkpoint")] == ["checkpoint-4"]
     assert [name for name in os.listdir(output_dir) if "checkpoint" in name] == ["checkpoint-6"]
     checkpoint = os.path.join(output_dir, "checkpoint-6")
-    for name in ("unet", "unet_target", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+    for name in ("unet", "unet_target", "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"):
         assert os.path.exists(os.path.join(checkpoint, name)), name
 
 
-def test_resume_continues_the_step_and_the_lr_schedule(resumed_run):
+def test_resume_continues_the_step_and_the_lr_schedule_at_the_new_rate(resumed_run):
     output_dir, _, second, _ = resumed_run
     assert re.search(r"Resuming from .*checkpoint-4", second.stderr)
+    assert f"this run's apply: learning rate {LEARNING_RATE} -> {2 * LEARNING_RATE}" in second.stderr
+    assert "train_batch_size changed since the checkpoint" in second.stderr
     first_losses, second_losses = logged_scalars(output_dir, "loss")
     assert sorted(first_losses) == [1, 2, 3, 4]
     assert sorted(second_losses) == [5, 6]
     assert all(np.isfinite(list(second_losses.values())))
-    # constant_with_warmup: lr = base * step / warmup, so a reset schedule would log base / warmup at step 5.
+    # constant_with_warmup: lr = base * step / warmup; a reset schedule would log base / warmup at
+    # step 5, and one that kept the checkpoint's base LEARNING_RATE * 5 / warmup.
     _, second_lrs = logged_scalars(output_dir, "lr")
-    assert second_lrs[5] == pytest.approx(LEARNING_RATE * 5 / WARMUP_STEPS)
+    assert second_lrs[5] == pytest.approx(2 * LEARNING_RATE * 5 / WARMUP_STEPS)
 
 
 def test_output_is_an_lcm_pipeline_whose_unet_is_the_ema_target(resumed_run):
@@ -153,7 +158,7 @@ def test_output_is_an_lcm_pipeline_whose_unet_is_the_ema_target(resumed_run):
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and np.isfinite(image).all()
     card = open(os.path.join(output_dir, "README.md"), encoding="utf-8").read()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "- splam" in card
-    assert "6 optimizer steps" in card and "| `w_scale` | `8.0` |" in card
+    assert "6 optimizer steps (14 samples seen)" in card and "| `w_scale` | `8.0` |" in card
 
 
 def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_shards, tmp_path):
