@@ -130,6 +130,9 @@ def main():
     parser.add_argument("--grid_dir", default=None, help="Write a sample grid per method here.")
     parser.add_argument("--out", required=True, help="The JSON of results.")
     args = parser.parse_args()
+    malformed = [item for item in args.student if "=" not in item]
+    if malformed:
+        parser.error(f"--student takes NAME=DIR, got {malformed[0]!r}")
     students = dict(item.split("=", 1) for item in args.student)
     results = evaluate(args.teacher, students, args.w_scale, args.steps, args.seeds, args.data_seed, args.grid_dir)
     with open(args.out, "w") as handle:

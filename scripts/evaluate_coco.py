@@ -8,7 +8,10 @@ Distilled models (an ``LCMScheduler`` pipeline) sample at ``guidance_scale=1``; 
 instead evaluates a teacher with DDIM and ``--guidance_scale``, for the reference rows. One
 caption per image is chosen with a fixed seed; image ``i`` is sampled with seed ``seed + i``
 and written with its prompt and seed under ``--work_dir``, so an interrupted evaluation resumes
-where it stopped, and processes under ``accelerate launch`` split the images between them.
+where it stopped, and processes under ``accelerate launch`` split the images between them. Each
+row's folder records the model and settings its images were made with (``settings.json``): a
+rerun with another model or settings in the same ``--work_dir`` is refused, and an image whose
+prompt or seed differ from this run's (another ``--num_images`` or ``--seed``) is made again.
 Generated and reference images are resized (shorter side, bicubic) and centre-cropped to
 ``--resolution`` before either metric sees them. FID: torchmetrics' ``FrechetInceptionDistance``
 (Inception-v3 pool features, weights from torch-fidelity on first use, or ``--fid_feature_extractor``);
@@ -70,12 +73,39 @@ def configurations(args) -> list:
     return [(f"lcm-{steps}", "lcm", steps, 1.0) for steps in args.steps]
 
 
+def check_row_settings(args, name, dtype) -> None:
+    """Record in the row's folder what its images are made with, or refuse a folder whose
+    images were made otherwise (they would be scored as this model's)."""
+    folder = os.path.join(args.work_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    settings = {"model": args.model, "resolution": args.resolution, "dtype": str(dtype)}
+    path = os.path.join(folder, "settings.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        changed = [key for key in settings if recorded.get(key) != settings[key]]
+        if changed:
+            raise SystemExit(f"error: {folder} holds images made with another {', '.join(changed)} "
+                             f"({', '.join(str(recorded.get(key)) for key in changed)}): use another --work_dir or --out")
+    else:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(settings, handle)
+
+
+def already_made(folder, index, prompt, seed) -> bool:
+    record_path = os.path.join(folder, f"{index:06d}.json")
+    if not os.path.exists(record_path):
+        return False
+    with open(record_path, encoding="utf-8") as handle:
+        record = json.load(handle)
+    return record["prompt"] == prompt and record["seed"] == seed
+
+
 def generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state) -> None:
     """Write the images this process owns and has not written yet, with their prompt, seed and time."""
     folder = os.path.join(args.work_dir, name)
-    os.makedirs(folder, exist_ok=True)
     mine = [index for index in range(state.process_index, len(prompts), state.num_processes)
-            if not os.path.exists(os.path.join(folder, f"{index:06d}.json"))]
+            if not already_made(folder, index, prompts[index], args.seed + index)]
     pipeline.scheduler = (LCMScheduler if sampler == "lcm" else DDIMScheduler).from_config(pipeline.scheduler.config)
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
@@ -96,11 +126,13 @@ def generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, stat
     print(f"[process {state.process_index}] {name}: {len(mine)} new images")
 
 
-def read_generated(args, name, count):
+def read_generated(args, name, indices):
+    """The records and ``uint8 [N, 3, R, R]`` pixels of the row's images ``indices``."""
     folder = os.path.join(args.work_dir, name)
-    records = [json.load(open(os.path.join(folder, f"{index:06d}.json"), encoding="utf-8")) for index in range(count)]
-    images = [resize_and_crop(Image.open(os.path.join(folder, f"{index:06d}.png")), args.resolution) for index in range(count)]
-    return images, records
+    records = [json.load(open(os.path.join(folder, f"{index:06d}.json"), encoding="utf-8")) for index in indices]
+    pixels = np.stack([resize_and_crop(Image.open(os.path.join(folder, f"{index:06d}.png")), args.resolution)
+                       for index in indices])
+    return records, pixels
 
 
 def batches(items, size):
@@ -164,15 +196,19 @@ def clip_scorer(args):
 
 
 def score(args, fid, clip, name, count) -> dict:
-    images, records = read_generated(args, name, count)
+    """FID and CLIP score of the row's ``count`` images, read 64 at a time (30,000 at 512 px
+    would take 24 GB at once)."""
     fid.reset()
     clip.reset()
-    for chunk, chunk_records in zip(batches(images, 64), batches(records, 64)):
-        pixels = torch.from_numpy(np.stack(chunk)).to(fid.device)
+    seconds = []
+    for indices in batches(range(count), 64):
+        records, pixels = read_generated(args, name, indices)
+        pixels = torch.from_numpy(pixels).to(fid.device)
         fid.update(pixels, real=False)
-        clip.update(pixels, [record["prompt"] for record in chunk_records])
+        clip.update(pixels, [record["prompt"] for record in records])
+        seconds += [record["seconds"] for record in records]
     return {"fid": float(fid.compute()), "clip_score": float(clip.compute()), "images": count,
-            "seconds_per_image": float(np.mean([record["seconds"] for record in records]))}
+            "seconds_per_image": float(np.mean(seconds))}
 
 
 def markdown_table(model, rows) -> str:
@@ -204,6 +240,8 @@ def main():
     parser.add_argument("--work_dir", default=None, help="Generated images and reference statistics (default: next to --out).")
     parser.add_argument("--out", required=True, help="results.json; the table goes next to it as .md.")
     args = parser.parse_args()
+    if args.num_images < 2:
+        parser.error(f"--num_images must be at least 2 (FID compares two distributions), got {args.num_images}")
     args.work_dir = args.work_dir or os.path.splitext(args.out)[0] + "-images"
 
     # Like Accelerator, honour accelerate's CPU flag (accelerate launch --cpu, or torchrun on CPUs).
@@ -211,19 +249,26 @@ def main():
     prompts = load_prompts(args.captions, args.num_images, args.seed)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.dtype, torch.float16 if state.device.type == "cuda" else torch.float32)
+    rows = configurations(args)
+    if state.is_main_process:
+        for name, *_ in rows:
+            check_row_settings(args, name, dtype)
+        # Before hours of sampling: the metrics' packages and weights (Inception from torch-fidelity
+        # on first use, CLIP from the Hub), on the GPU where there is one (hours on a CPU for 30k).
+        try:
+            fid, clip = make_fid(args).to(state.device), clip_scorer(args).to(state.device)
+        except (ImportError, OSError) as error:
+            raise SystemExit(f"error: cannot build the metrics: {' '.join(str(error).split())}") from error
+        load_reference(args, fid)
+    state.wait_for_everyone()
     pipeline = DiffusionPipeline.from_pretrained(args.model).to(state.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
-    rows = configurations(args)
     for name, sampler, steps, guidance_scale in rows:
         generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
 
-    os.makedirs(args.work_dir, exist_ok=True)
-    # Inception and CLIP score on the GPU where there is one: on a CPU they take hours for 30k images.
-    fid, clip = make_fid(args).to(state.device), clip_scorer(args).to(state.device)
-    load_reference(args, fid)
     results = []
     for name, sampler, steps, guidance_scale in rows:
         results.append({"name": name, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,

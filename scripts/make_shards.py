@@ -13,11 +13,15 @@ import io
 import json
 import os
 import random
+import sys
 
 import numpy as np
 import skimage.data
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.data import DataStats, to_rgb  # noqa: E402
 
 # scikit-image's bundled colour photographs, with captions written for them.
 BUNDLED_IMAGES = {
@@ -51,8 +55,13 @@ def folder_images(image_dir: str):
                 caption = handle.read().strip()
         else:
             caption = stem.replace("_", " ").replace("-", " ")
-        with Image.open(os.path.join(image_dir, file_name)) as image:
-            yield image.convert("RGB"), [caption]
+        try:
+            with Image.open(os.path.join(image_dir, file_name)) as image:
+                # Upright as a viewer shows it (phone photos store their rotation in EXIF), and
+                # transparency over white, as training reads images.
+                yield to_rgb(ImageOps.exif_transpose(image), DataStats()), [caption]
+        except (OSError, SyntaxError) as error:  # PIL's errors for unreadable images
+            print(f"skipped {file_name}: {error}", file=sys.stderr)
 
 
 def random_view(image: Image.Image, resolution: int, rng: random.Random) -> Image.Image:

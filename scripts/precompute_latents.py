@@ -18,12 +18,20 @@ Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``
 shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees). Each shard is written under a temporary name and renamed
 when complete; a shard that cannot be read to the end is left out (the run then exits with an
 error naming it), and a rerun skips the shards already there and retries the others.
+
+``output_dir/latents.json`` records the input shards and every setting that shapes the arrays,
+so a rerun (or another job) that would mix latents of other settings, or give other input
+shards the same output names, is refused; the same settings with more shards appended to the
+list go on from where the earlier run stopped.
 """
 
 import argparse
+import glob
 import io
+import json
 import os
 import random
+import socket
 import sys
 import time
 
@@ -109,9 +117,54 @@ def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats:
     return count
 
 
+# The flags that shape the stored arrays.
+SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution",
+            "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
+
+
+def record_manifest(args, urls) -> None:
+    """Write ``output_dir/latents.json`` (the settings and the input shards), or check that the
+    one there describes the same latents: the same settings, and input shards of which the
+    recorded ones are the first (output ``i`` is input ``i``)."""
+    path = os.path.join(args.output_dir, "latents.json")
+    manifest = {"settings": {name: getattr(args, name) for name in SETTINGS}, "shards": urls}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+        changed = [name for name in SETTINGS if recorded["settings"][name] != manifest["settings"][name]]
+        if changed:
+            sys.exit(f"error: {args.output_dir} holds latents made with other {', '.join(changed)}: "
+                     "use another --output_dir")
+        if urls[:len(recorded["shards"])] != recorded["shards"]:
+            sys.exit(f"error: {args.output_dir} holds the latents of other input shards (its shard 0 is "
+                     f"{recorded['shards'][0]}): use another --output_dir, or list the earlier shards first")
+        if len(urls) <= len(recorded["shards"]):
+            return
+    staging = f"{path}.{socket.gethostname()}-{os.getpid()}"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+    os.replace(staging, path)
+
+
+def partial_path(path: str) -> str:
+    """Where this process writes ``path`` until it is complete: a name of its own, so that two
+    jobs given the same shard (a job started twice) do not write into one file. Those left by
+    dead processes of this machine are removed."""
+    host = socket.gethostname()
+    for stale in glob.glob(f"{glob.escape(path)}.{glob.escape(host)}-*.partial"):
+        try:
+            os.kill(int(stale.rsplit("-", 1)[1].split(".")[0]), 0)
+        except ProcessLookupError:
+            os.remove(stale)
+        except PermissionError:  # alive, another user's
+            pass
+    return f"{path}.{host}-{os.getpid()}.partial"
+
+
 def main(args):
     urls = expand_shard_urls(args.train_shards_path_or_url)
     os.makedirs(args.output_dir, exist_ok=True)
+    record_manifest(args, urls)
     # Jobs started side by side on one machine take its GPUs in turn.
     device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -128,14 +181,15 @@ def main(args):
         rng, shard_stats = random.Random(f"{args.seed}-{index}"), DataStats()
         samples = decoded_images(captioned_images(tar_samples([urls[index]], shard_stats), shard_stats), transform,
                                  rng, shard_stats)
-        count = write_latent_shard(path + ".partial", samples, tokenizer, text_encoder, vae, args, shard_stats)
+        partial = partial_path(path)
+        count = write_latent_shard(partial, samples, tokenizer, text_encoder, vae, args, shard_stats)
         stats.update(shard_stats)
         if shard_stats["bad_shard"]:
             # Unread or cut short (network, disk): not marked done, so that a rerun tries it again.
-            os.remove(path + ".partial")
+            os.remove(partial)
             failed.append(urls[index])
             continue
-        os.replace(path + ".partial", path)
+        os.replace(partial, path)
         written += count
         elapsed = time.perf_counter() - started
         print(f"shard {done}/{len(mine)} ({path}): {written} samples in {elapsed:.0f} s, {written / elapsed:.1f}/s",

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ METRICS = [("latent_mse", "latent MSE to teacher"), ("pixel_mse", "pixel MSE to 
 
 
 def distil(teacher, shards, output_dir, method_flags, steps, seed):
+    shutil.rmtree(output_dir, ignore_errors=True)  # a new teacher: an earlier run's checkpoints are not this one's
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO_ROOT, "train_splam_distill_sd_wds.py"),

@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--device", default=None, help="Default: cuda, mps or cpu, whichever is there.")
     parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
     args = parser.parse_args()
+    if args.num_images < 1:
+        parser.error(f"--num_images must be at least 1, got {args.num_images}")
 
     prompts = read_prompts(args)
     device = args.device or default_device()

@@ -1,6 +1,7 @@
 """The COCO evaluation harness end to end on the tiny world, offline: a tiny TorchScript feature
 extractor stands in for Inception-v3 and a tiny local CLIP for ViT-L/14."""
 
+import glob
 import json
 import os
 import re
@@ -92,6 +93,28 @@ def test_a_distilled_model_gets_a_row_per_step_count_and_resumes(world):
     assert os.path.getmtime(os.path.join(images_dir, "lcm-2", "000000.png")) == before
     rerun = json.load(open(out))
     assert [row["fid"] for row in rerun["results"]] == pytest.approx([row["fid"] for row in report["results"]], rel=1e-4)
+
+    # Another model in the same folder is refused; another seed (prompts and seeds) makes every image again.
+    other_model = run_script("scripts/evaluate_coco.py", "--model", world["teacher"], "--captions", world["captions"],
+                             "--num_images", "4", "--resolution", str(RESOLUTION), "--steps", "1", "--clip_model",
+                             world["clip"], "--fid_feature_extractor", world["extractor"], "--reference_images",
+                             world["references"], "--out", out)
+    assert other_model.returncode != 0
+    assert f"error: {images_dir}/lcm-1 holds images made with another model ({world['student']})" in other_model.stderr
+    reseeded = evaluate(world, out, "--reference_stats", os.path.join(images_dir, "reference_stats.pt"), "--steps", "1",
+                        "--seed", "7")
+    assert "lcm-1: 4 new images" in reseeded.stdout
+    assert json.load(open(os.path.join(images_dir, "lcm-1", "000000.json")))["seed"] == 7
+
+
+def test_metrics_that_cannot_be_built_stop_the_run_before_it_samples(world):
+    out = str(world["root"] / "no-clip.json")
+    result = run_script("scripts/evaluate_coco.py", "--model", world["student"], "--captions", world["captions"],
+                        "--num_images", "4", "--resolution", str(RESOLUTION), "--clip_model", str(world["root"] / "missing"),
+                        "--fid_feature_extractor", world["extractor"], "--reference_images", world["references"],
+                        "--out", out, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode != 0 and "error: cannot build the metrics" in result.stderr.strip().splitlines()[-1]
+    assert not glob.glob(str(world["root"] / "no-clip-images" / "*" / "*.png"))
 
 
 def test_the_teacher_rows_use_ddim_and_guidance(world):

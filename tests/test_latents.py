@@ -17,12 +17,15 @@ from conftest import RESOLUTION, launch, logged_scalars, run_script, training_co
 LATENTS = "--train_latents_path_or_url"
 
 
+def precompute(teacher, shards, output_dir, *flags):
+    return run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={teacher}",
+                      f"--train_shards_path_or_url={shards}", f"--output_dir={output_dir}", *flags)
+
+
 @pytest.fixture(scope="module")
 def latent_shards(tiny_teacher, tiny_shards, tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("latents"))
-    result = run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={tiny_teacher}",
-                        f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={output_dir}",
-                        f"--resolution={RESOLUTION}", "--random_flip", "--batch_size=5")
+    result = precompute(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}", "--random_flip", "--batch_size=5")
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir, result
 
@@ -40,12 +43,32 @@ def test_every_sample_becomes_moments_and_prompt_embeds(latent_shards, tiny_teac
         assert sample["moments.npy"].shape == (2 * vae.config.latent_channels, latent_size, latent_size)
         assert sample["moments.npy"].dtype == np.float16 and np.isfinite(sample["moments.npy"]).all()
         assert sample["prompt_embeds.npy"].shape[0] == 77 and sample["txt"]
-    # A rerun finds every shard done and writes nothing.
+    assert not glob.glob(os.path.join(output_dir, "*.partial"))
+
+
+def test_a_rerun_goes_on_only_with_the_same_settings_and_shards(latent_shards, tiny_teacher, tiny_shards, tmp_path):
+    output_dir, _ = latent_shards
+    shards = sorted(glob.glob(os.path.join(output_dir, "*.tar")))
     mtimes = [os.path.getmtime(path) for path in shards]
-    rerun = run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={tiny_teacher}",
-                       f"--train_shards_path_or_url={os.path.dirname(shards[0])}/{{00000..00002}}.tar",
-                       f"--output_dir={output_dir}", f"--resolution={RESOLUTION}")
+    rerun = precompute(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}", "--random_flip", "--batch_size=3")
     assert rerun.returncode == 0 and mtimes == [os.path.getmtime(path) for path in shards]
+    others = tiny_shards.replace("{00000..00002}", "{00001..00002}")
+    for shard_spec, flags, expected in [
+        (others, ["--random_flip"], "holds the latents of other input shards"),
+        (tiny_shards, [], "holds latents made with other random_flip"),
+        (tiny_shards, ["--random_flip", "--resolution=32"], "holds latents made with other resolution"),
+    ]:
+        refused = precompute(tiny_teacher, shard_spec, output_dir, f"--resolution={RESOLUTION}", *flags)
+        assert refused.returncode != 0 and expected in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
+    assert mtimes == [os.path.getmtime(path) for path in shards]
+    # More shards appended to the list: the earlier ones are kept, the new one is encoded.
+    growing = str(tmp_path / "growing")
+    resolution = f"--resolution={RESOLUTION}"
+    assert precompute(tiny_teacher, tiny_shards.replace("{00000..00002}", "{00000..00001}"), growing, resolution).returncode == 0
+    first_two = [os.path.getmtime(os.path.join(growing, f"0000{index}.tar")) for index in range(2)]
+    assert precompute(tiny_teacher, tiny_shards, growing, resolution).returncode == 0
+    assert first_two == [os.path.getmtime(os.path.join(growing, f"0000{index}.tar")) for index in range(2)]
+    assert os.path.exists(os.path.join(growing, "00002.tar"))
 
 
 def test_training_from_latents_resumes_exactly_and_exports(latent_shards, tiny_teacher, tmp_path):
