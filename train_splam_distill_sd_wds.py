@@ -322,14 +322,14 @@ def main(args):
         export_pipeline(
             args, tokenizer, text_encoder, vae, target_unet, student,
             teacher_scheduler.config, global_step, samples_seen,
-            repo_id=publisher.repo_id if publisher is not None else None,
+            repo_id=publisher.repo_id if args.push_to_hub else None,
         )
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")
-        if publisher is not None:
-            publisher.wait_for_checkpoints()
+    accelerator.end_training()  # the trackers' runs end as finished, whatever the uploads do
+    if publisher is not None:
+        publisher.wait_for_checkpoints()
         if args.push_to_hub:
             logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
-    accelerator.end_training()
 
 
 if __name__ == "__main__":

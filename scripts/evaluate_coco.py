@@ -20,6 +20,7 @@ CLIP score: torchmetrics' ``CLIPScore`` with ``--clip_model``.
 """
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -80,16 +81,15 @@ def check_row_settings(args, name, dtype) -> None:
     os.makedirs(folder, exist_ok=True)
     settings = {"model": args.model, "resolution": args.resolution, "dtype": str(dtype)}
     path = os.path.join(folder, "settings.json")
-    if os.path.exists(path):
+    if os.path.exists(path) and glob.glob(os.path.join(folder, "[0-9]*.json")):
         with open(path, encoding="utf-8") as handle:
             recorded = json.load(handle)
         changed = [key for key in settings if recorded.get(key) != settings[key]]
         if changed:
             raise SystemExit(f"error: {folder} holds images made with another {', '.join(changed)} "
                              f"({', '.join(str(recorded.get(key)) for key in changed)}): use another --work_dir or --out")
-    else:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(settings, handle)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(settings, handle)
 
 
 def already_made(folder, index, prompt, seed) -> bool:
@@ -259,7 +259,6 @@ def main():
             fid, clip = make_fid(args).to(state.device), clip_scorer(args).to(state.device)
         except (ImportError, OSError) as error:
             raise SystemExit(f"error: cannot build the metrics: {' '.join(str(error).split())}") from error
-        load_reference(args, fid)
     state.wait_for_everyone()
     pipeline = DiffusionPipeline.from_pretrained(args.model).to(state.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
@@ -269,6 +268,7 @@ def main():
     if not state.is_main_process:
         return
 
+    load_reference(args, fid)  # after sampling: the other processes would wait on it at a barrier
     results = []
     for name, sampler, steps, guidance_scale in rows:
         results.append({"name": name, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,

@@ -19,10 +19,10 @@ shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees)
 when complete; a shard that cannot be read to the end is left out (the run then exits with an
 error naming it), and a rerun skips the shards already there and retries the others.
 
-``output_dir/latents.json`` records the input shards and every setting that shapes the arrays,
-so a rerun (or another job) that would mix latents of other settings, or give other input
-shards the same output names, is refused; the same settings with more shards appended to the
-list go on from where the earlier run stopped.
+Beside each output shard, ``{i:05d}.tar.json`` records its input shard and every setting that
+shapes its arrays, so a rerun that would mix latents of other settings, or give another input
+shard an existing output's name, is refused before it loads anything; the same settings with
+more shards appended to the list encode only the new ones.
 """
 
 import argparse
@@ -122,28 +122,24 @@ SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "te
             "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
 
 
-def record_manifest(args, urls) -> None:
-    """Write ``output_dir/latents.json`` (the settings and the input shards), or check that the
-    one there describes the same latents: the same settings, and input shards of which the
-    recorded ones are the first (output ``i`` is input ``i``)."""
-    path = os.path.join(args.output_dir, "latents.json")
-    manifest = {"settings": {name: getattr(args, name) for name in SETTINGS}, "shards": urls}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
+def shard_record(args, url: str) -> dict:
+    """What made an output shard: its input shard and the settings."""
+    return {"input": url, **{name: getattr(args, name) for name in SETTINGS}}
+
+
+def check_earlier_outputs(args, urls) -> None:
+    """Refuse to go on where an output shard was made from another input shard or with other
+    settings: it would be skipped as done, and the latents mixed."""
+    for index, url in enumerate(urls):
+        path = os.path.join(args.output_dir, f"{index:05d}.tar")
+        if not os.path.exists(path) or not os.path.exists(path + ".json"):
+            continue
+        with open(path + ".json", encoding="utf-8") as handle:
             recorded = json.load(handle)
-        changed = [name for name in SETTINGS if recorded["settings"][name] != manifest["settings"][name]]
+        changed = [key for key, value in shard_record(args, url).items() if recorded.get(key) != value]
         if changed:
-            sys.exit(f"error: {args.output_dir} holds latents made with other {', '.join(changed)}: "
-                     "use another --output_dir")
-        if urls[:len(recorded["shards"])] != recorded["shards"]:
-            sys.exit(f"error: {args.output_dir} holds the latents of other input shards (its shard 0 is "
-                     f"{recorded['shards'][0]}): use another --output_dir, or list the earlier shards first")
-        if len(urls) <= len(recorded["shards"]):
-            return
-    staging = f"{path}.{socket.gethostname()}-{os.getpid()}"
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=2)
-    os.replace(staging, path)
+            sys.exit(f"error: {path} was made with another {', '.join(changed)} "
+                     f"({', '.join(str(recorded.get(key)) for key in changed)}): use another --output_dir")
 
 
 def partial_path(path: str) -> str:
@@ -164,7 +160,7 @@ def partial_path(path: str) -> str:
 def main(args):
     urls = expand_shard_urls(args.train_shards_path_or_url)
     os.makedirs(args.output_dir, exist_ok=True)
-    record_manifest(args, urls)
+    check_earlier_outputs(args, urls)
     # Jobs started side by side on one machine take its GPUs in turn.
     device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -189,6 +185,10 @@ def main(args):
             os.remove(partial)
             failed.append(urls[index])
             continue
+        # The record first: a shard on disk always has one.
+        with open(partial + ".json", "w", encoding="utf-8") as handle:
+            json.dump(shard_record(args, urls[index]), handle, indent=2)
+        os.replace(partial + ".json", path + ".json")
         os.replace(partial, path)
         written += count
         elapsed = time.perf_counter() - started

@@ -165,11 +165,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
-    for name in ("adam_weight_decay", "adam_epsilon", "lr_warmup_steps"):
+    for name in ("adam_weight_decay", "lr_warmup_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.max_grad_norm <= 0:
-        parser.error(f"--max_grad_norm must be positive, got {args.max_grad_norm}")
+    for name in ("adam_epsilon", "max_grad_norm"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     trackers = [name.strip() for name in args.report_to.split(",")]
     unknown = [name for name in trackers if name not in TRACKERS]
     if unknown or ("none" in trackers and len(trackers) > 1):

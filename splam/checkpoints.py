@@ -33,6 +33,8 @@ from .sharding import whole_student
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
 LOCK_FILE = ".training.lock"
+# Bumped when training_state.json or the checkpoint's files change meaning.
+TRAINING_STATE_FORMAT = 2
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def checkpoint_step(path: str) -> int:
 
 
 def list_checkpoints(output_dir: str) -> list:
-    """Complete checkpoint folders in ``output_dir``, oldest first."""
+    """The ``checkpoint-<step>`` folders in ``output_dir``, oldest first."""
     if not os.path.isdir(output_dir):
         return []
     steps = sorted(
@@ -75,6 +77,13 @@ def check_checkpoints_are_complete(output_dir: str) -> None:
     if foreign:
         raise SetupError(f"{output_dir} holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not a "
                          f"complete checkpoint of this script (no {TRAINING_STATE}): move it out of the folder")
+
+
+def check_training_state_format(resume_path) -> None:
+    """Refuse a checkpoint that an earlier version of this script wrote, in another format."""
+    if resume_path and read_training_state(resume_path).get("format") != TRAINING_STATE_FORMAT:
+        raise SetupError(f"{resume_path} was written by an earlier version of this script, in another format: "
+                         "resume it with that version")
 
 
 def check_no_newer_checkpoints(output_dir: str, resume_path) -> None:
@@ -116,16 +125,20 @@ def lock_output_dir(output_dir: str):
     """An exclusive lock on ``output_dir`` for this run's lifetime (keep the returned file open):
     two runs in one folder would rotate each other's checkpoints away. The second might be a
     relaunch while the first still trains: ``accelerate launch`` stopped by a signal leaves its
-    training process running. The operating system drops the lock when the holder dies, however."""
-    handle = open(os.path.join(output_dir, LOCK_FILE), "a+", encoding="utf-8")
+    training process running. The operating system drops the lock when the holder dies, however.
+    A POSIX record lock (``lockf``): the loader workers forked from the holder do not hold it too,
+    and network filesystems (NFS) pass it between machines."""
+    lock_path = os.path.join(output_dir, LOCK_FILE)
+    handle = open(lock_path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
         handle.seek(0)
         holder = handle.read().strip()
         handle.close()
         raise SetupError(f"another run is training into {output_dir} ({holder}): stop it first (stopping "
-                         "accelerate launch alone leaves its training process running)") from None
+                         "accelerate launch alone leaves its training process running); if it is gone, as a crashed "
+                         f"machine's lock can outlive it on a network filesystem, delete {lock_path}") from None
     except OSError as error:  # some network and FUSE filesystems take no locks
         logger.warning(f"cannot lock {output_dir} ({error.strerror}): nothing stops a second run from using it too")
         return handle
@@ -146,6 +159,7 @@ def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
             lock = lock_output_dir(output_dir)
             check_checkpoints_are_complete(output_dir)
             path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+            check_training_state_format(path)
             check_no_newer_checkpoints(output_dir, path)
             answer = [(path, None)]
         except SetupError as error:
@@ -216,16 +230,18 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
-                json.dump(training_state, handle, indent=2)
+                json.dump({"format": TRAINING_STATE_FORMAT, **training_state}, handle, indent=2)
             os.replace(staging_path, final_path)
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error
     if accelerator.is_main_process and total_limit is not None:
+        for doomed_path in glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):  # left by a kill
+            shutil.rmtree(doomed_path)
         for old_path in list_checkpoints(output_dir)[:-total_limit]:
-            os.replace(old_path, os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting"))
-        for doomed_path in glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):  # also those a kill left
+            doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
+            os.replace(old_path, doomed_path)
             shutil.rmtree(doomed_path)
     accelerator.wait_for_everyone()
     return final_path

@@ -40,10 +40,16 @@ def check_fsdp_options(accelerator, args) -> None:
 def configure_deepspeed(accelerator, args) -> None:
     """Under DeepSpeed, hand its engine the flags' values of what it reads from its config: the
     batch sizes (accelerate derives them from a prepared dataloader, and the shard stream is not
-    one), the accumulation steps and the clipping norm (the engine clips inside its step)."""
+    one), the accumulation steps and the clipping norm (the engine clips inside its step); refuse
+    a config that brings an optimizer or lr schedule of its own."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
-    accelerator.state.deepspeed_plugin.deepspeed_config.update(
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    for section, flags in (("optimizer", "--learning_rate, --adam_*, --use_8bit_adam"), ("scheduler", "--lr_scheduler")):
+        if section in config:
+            # Its engine would step its own alongside this script's, which the flags set.
+            raise SetupError(f"remove the {section!r} section from the DeepSpeed config: set it with {flags}")
+    config.update(
         train_micro_batch_size_per_gpu=args.train_batch_size,
         train_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -54,9 +54,9 @@ def test_a_rerun_goes_on_only_with_the_same_settings_and_shards(latent_shards, t
     assert rerun.returncode == 0 and mtimes == [os.path.getmtime(path) for path in shards]
     others = tiny_shards.replace("{00000..00002}", "{00001..00002}")
     for shard_spec, flags, expected in [
-        (others, ["--random_flip"], "holds the latents of other input shards"),
-        (tiny_shards, [], "holds latents made with other random_flip"),
-        (tiny_shards, ["--random_flip", "--resolution=32"], "holds latents made with other resolution"),
+        (others, ["--random_flip"], "00000.tar was made with another input"),
+        (tiny_shards, [], "00000.tar was made with another random_flip (True)"),
+        (tiny_shards, ["--random_flip", "--resolution=32"], "00000.tar was made with another resolution (64)"),
     ]:
         refused = precompute(tiny_teacher, shard_spec, output_dir, f"--resolution={RESOLUTION}", *flags)
         assert refused.returncode != 0 and expected in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
@@ -146,4 +146,4 @@ def test_precompute_leaves_out_a_shard_it_cannot_read(tiny_teacher, tiny_shards,
                         f"--train_shards_path_or_url={spec}", f"--output_dir={output_dir}", f"--resolution={RESOLUTION}")
     assert result.returncode == 1
     assert "error: 1 shards could not be read to the end (first: " in result.stderr and "00003.tar" in result.stderr
-    assert sorted(os.listdir(output_dir)) == ["00000.tar", "00001.tar"]
+    assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00001.tar", "00001.tar.json"]

@@ -19,6 +19,9 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from splam.args import SetupError
+from splam.checkpoints import check_training_state_format
+
 from conftest import REPO_ROOT, launch, logged_scalars, run_script, training_command
 
 
@@ -90,12 +93,12 @@ def test_a_relaunch_while_the_run_still_trains_is_refused(tiny_teacher, tiny_sha
     errors = [line for line in relaunch.stderr.splitlines() if line.startswith("error:")]
     assert relaunch.returncode != 0 and errors, relaunch.stderr[-2000:]
     assert f"another run is training into {output_dir} (process {trainer} on" in errors[0]
-    with open(lock_path) as lock:  # the kernel drops a dead process's lock
+    with open(lock_path, "a") as lock:  # the kernel drops a dead process's lock
         while time.time() < deadline:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except BlockingIOError:
+            except (BlockingIOError, PermissionError):
                 time.sleep(0.05)
     launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1", "--resume_from_checkpoint=latest")
 
@@ -130,13 +133,23 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
         assert result.returncode != 0 and len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
         assert "Loading weights" not in result.stderr
     assert sorted(os.listdir(output_dir)) == before
-    # With the abandoned checkpoint moved away the roll-back goes on, and rotates out the older one.
+    # With the abandoned checkpoint moved away the roll-back goes on, and rotates out the older one,
+    # past what a kill in the middle of an earlier rotation left.
     shutil.move(os.path.join(output_dir, "checkpoint-4"), str(tmp_path / "abandoned"))
+    shutil.copytree(rolled_back, os.path.join(output_dir, ".checkpoint-2.deleting"))
     tracker_runs = len(logged_scalars(output_dir, "loss"))
     launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=3", "--checkpointing_steps=3",
            "--checkpoints_total_limit=1", f"--resume_from_checkpoint={rolled_back}", "--report_to=none")
     assert [name for name in os.listdir(output_dir) if "checkpoint" in name] == ["checkpoint-3"]
     assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
+
+
+def test_a_checkpoint_in_an_earlier_format_is_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text(json.dumps({"global_step": 4, "data_segment": 2}))
+    with pytest.raises(SetupError, match="written by an earlier version of this script, in another format"):
+        check_training_state_format(str(checkpoint))
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):
