@@ -2,8 +2,8 @@
 them, and DeepSpeed ZeRO-2 on one process."""
 
 import io
-import json
 import os
+import types
 
 import pytest
 import torch
@@ -195,19 +195,25 @@ def deepspeed_launch(teacher, shards, output_dir, mixed_precision, *flags):
     return result
 
 
-def test_a_deepspeed_config_with_its_own_lr_schedule_is_refused(tiny_teacher, tiny_shards, tmp_path):
-    """Its engine would step that schedule as well as the one the flags set."""
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                  "gradient_accumulation_steps": "auto",
-                                  "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}))
-    command = training_command(tiny_teacher, tiny_shards, str(tmp_path / "out"), "--max_train_steps=2")
-    result = run_script("-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file", str(config),
-                        "--num_processes", "1", "--mixed_precision", "no",
-                        *command[command.index("train_splam_distill_sd_wds.py"):])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and errors, result.stderr[-3000:]
-    assert "remove the 'scheduler' section from the DeepSpeed config: set it with --lr_scheduler" in errors[0]
+@pytest.mark.parametrize("section, flags", [("optimizer", "--learning_rate"), ("scheduler", "--lr_scheduler")])
+def test_a_deepspeed_config_with_its_own_optimizer_or_schedule_is_refused(section, flags):
+    """Its engine would step them as well as those the flags set (the config as accelerate holds it
+    from a --deepspeed_config_file)."""
+    from accelerate.utils import DistributedType
+
+    from splam.args import SetupError
+    from splam.sharding import configure_deepspeed
+
+    config = {"zero_optimization": {"stage": 2}, section: {"type": "WarmupLR", "params": {}}}
+    plugin = types.SimpleNamespace(deepspeed_config=config)
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                        state=types.SimpleNamespace(deepspeed_plugin=plugin))
+    args = types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0)
+    with pytest.raises(SetupError, match=f"remove the '{section}' section from the DeepSpeed config: set it with {flags}"):
+        configure_deepspeed(accelerator, args)
+    del config[section]
+    configure_deepspeed(accelerator, args)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_clipping"] == 1.0
 
 
 def test_deepspeed_trains_like_a_plain_run_and_resumes_in_bf16(tiny_teacher, tiny_shards, tmp_path):
