@@ -72,6 +72,7 @@ class HubPublisher:
                 commit_message="SPLAM-distilled pipeline",
             )
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
-            raise HubError(f"uploading the pipeline to {self.repo_id} failed ({' '.join(str(error).split())}); it is "
-                           f"complete in {output_dir}: upload its files listed in the README (Publishing) from there") from error
+            reason = " ".join(str(error).split())
+            raise HubError(f"uploading the pipeline to {self.repo_id} failed ({reason}); it is complete in "
+                           f"{output_dir}: upload its files listed in the README (Publishing) from there") from error
         return commit.commit_url
