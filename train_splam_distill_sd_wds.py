@@ -36,11 +36,8 @@ from splam.args import SetupError, parse_args, public_config, redact_secrets
 from splam.checkpoints import (
     CheckpointError,
     apply_hyperparameters,
-    claim_output_dir,
     ema_checksums,
     optimizer_hyperparameters,
-    prepare_output_dir,
-    read_training_state,
     register_unet_hooks,
     save_checkpoint,
 )
@@ -48,6 +45,7 @@ from splam.data import DataError, DataStats, ShardStream, make_train_dataloader,
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
+from splam.output_dir import claim_output_dir, prepare_output_dir
 from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
 from splam.training import (
     build_distillation_models,
@@ -134,8 +132,7 @@ def main(args):
     check_optional_dependencies(args)
     shard_urls = train_shard_urls(args)
     # output_lock stays held while main runs: a second run into output_dir is refused.
-    resume_path, output_lock = claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint)
-    resume_state = read_training_state(resume_path) if resume_path else None
+    resume_path, resume_state, output_lock = claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint)
     if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
         raise SetupError(
             f"{resume_path} was trained with {resume_state['optimizer']}; resume it with the same --use_8bit_adam setting"

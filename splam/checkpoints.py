@@ -7,24 +7,16 @@ A checkpoint is written into a hidden staging folder and renamed into place once
 complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that ``latest``
 would pick up; older checkpoints are rotated out only after that rename, each renamed
 to a hidden name before it is deleted, so a kill mid-delete leaves no half checkpoint either.
-
-``latest`` and the rotation go by step number, so the checkpoints in ``output_dir`` must all
-be this run's history: a run refuses to start where ``output_dir`` holds checkpoints newer
-than its own starting step (another run's, or those after the one it rolls back to).
+Which checkpoint a run resumes from is ``output_dir.claim_output_dir``'s choice.
 """
 
-import fcntl
 import glob
 import json
-import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 
 import torch
-from accelerate.utils import broadcast_object_list
 from diffusers import UNet2DConditionModel
 
 from .args import SetupError
@@ -32,27 +24,12 @@ from .sharding import whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
-LOCK_FILE = ".training.lock"
 # Bumped when training_state.json or the checkpoint's files change meaning.
 TRAINING_STATE_FORMAT = 2
-
-logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written; the previous ones are intact."""
-
-
-def prepare_output_dir(output_dir: str) -> None:
-    """Create ``output_dir`` and check that this process can write into it (every process writes
-    its RNG state into each checkpoint)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise SetupError(f"--output_dir {output_dir} exists and is not a folder")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=output_dir).close()
-    except OSError as error:
-        raise SetupError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from error
 
 
 def checkpoint_step(path: str) -> int:
@@ -69,111 +46,15 @@ def list_checkpoints(output_dir: str) -> list:
     return [os.path.join(output_dir, f"checkpoint-{step}") for step in steps]
 
 
-def check_checkpoints_are_complete(output_dir: str) -> None:
-    """Refuse a ``checkpoint-<step>`` folder without ``training_state.json`` (a copy cut short,
-    another script's checkpoint): ``latest`` could not resume from it and the rotation would delete it."""
-    foreign = [os.path.basename(path) for path in list_checkpoints(output_dir)
-               if not os.path.isfile(os.path.join(path, TRAINING_STATE))]
-    if foreign:
-        raise SetupError(f"{output_dir} holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not a "
-                         f"complete checkpoint of this script (no {TRAINING_STATE}): move it out of the folder")
-
-
-def check_training_state_format(resume_path) -> None:
-    """Refuse a checkpoint that an earlier version of this script wrote, in another format."""
-    if resume_path and read_training_state(resume_path).get("format") != TRAINING_STATE_FORMAT:
-        raise SetupError(f"{resume_path} was written by an earlier version of this script, in another format: "
-                         "resume it with that version")
-
-
-def check_no_newer_checkpoints(output_dir: str, resume_path) -> None:
-    """Refuse to start where ``output_dir`` holds checkpoints newer than this run's first step:
-    ``latest`` would later resume from them, and the rotation would delete this run's
-    checkpoints before them, both going by step number."""
-    start_step = read_training_state(resume_path)["global_step"] if resume_path else 0
-    newer = [os.path.basename(path) for path in list_checkpoints(output_dir) if checkpoint_step(path) > start_step]
-    if not newer:
-        return
-    if resume_path is None:
-        raise SetupError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(newer)}): continue it with "
-                         "--resume_from_checkpoint=latest, or move them out of the folder to start a new run there")
-    raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path}, which this run resumes from "
-                     f"({', '.join(newer)}): move them out of the folder first, or --resume_from_checkpoint=latest "
-                     "would later pick them up again")
-
-
-def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
-    """The checkpoint folder to resume from, or ``None`` to start fresh.
-
-    ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
-    any other value must be an existing checkpoint folder. With several processes, call it on
-    the main one and broadcast the answer, so that all resume from the same checkpoint.
-    """
-    if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    if not os.path.isdir(resume_from_checkpoint):
-        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
-    if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE)):
-        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a complete checkpoint of this script")
-    return resume_from_checkpoint
-
-
-def lock_output_dir(output_dir: str):
-    """An exclusive lock on ``output_dir`` for this run's lifetime (keep the returned file open):
-    two runs in one folder would rotate each other's checkpoints away. The second might be a
-    relaunch while the first still trains: ``accelerate launch`` stopped by a signal leaves its
-    training process running. The operating system drops the lock when the holder dies, however.
-    A POSIX record lock (``lockf``): the loader workers forked from the holder do not hold it too,
-    and network filesystems (NFS) pass it between machines."""
-    lock_path = os.path.join(output_dir, LOCK_FILE)
-    handle = open(lock_path, "a+", encoding="utf-8")
-    try:
-        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
-        handle.seek(0)
-        holder = handle.read().strip()
-        handle.close()
-        raise SetupError(f"another run is training into {output_dir} ({holder}): stop it first (stopping "
-                         "accelerate launch alone leaves its training process running); if it is gone, as a crashed "
-                         f"machine's lock can outlive it on a network filesystem, delete {lock_path}") from None
-    except OSError as error:  # some network and FUSE filesystems take no locks
-        logger.warning(f"cannot lock {output_dir} ({error.strerror}): nothing stops a second run from using it too")
-        return handle
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
-
-
-def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
-    """Lock ``output_dir`` for this run, check its checkpoints and pick the one to resume from
-    (``resolve_resume_checkpoint``), on the main process; returns ``(resume path, lock)`` on all
-    processes (the lock ``None`` but on the main one), or raises the main process's error on all."""
-    answer, lock = [None], None
-    if accelerator.is_main_process:
-        try:
-            lock = lock_output_dir(output_dir)
-            check_checkpoints_are_complete(output_dir)
-            path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
-            check_training_state_format(path)
-            check_no_newer_checkpoints(output_dir, path)
-            answer = [(path, None)]
-        except SetupError as error:
-            answer = [(None, str(error))]
-    broadcast_object_list(answer)
-    path, error = answer[0]
-    if error is not None:
-        raise SetupError(error)
-    return path, lock
-
-
 def read_training_state(checkpoint_path: str) -> dict:
+    """A checkpoint's ``training_state.json``; refused if an earlier version of this script
+    wrote the checkpoint, in another format."""
     with open(os.path.join(checkpoint_path, TRAINING_STATE), encoding="utf-8") as handle:
-        return json.load(handle)
+        training_state = json.load(handle)
+    if training_state.get("format") != TRAINING_STATE_FORMAT:
+        raise SetupError(f"{checkpoint_path} was written by an earlier version of this script, in another format: "
+                         "resume it with that version")
+    return training_state
 
 
 def check_finite(module, name: str) -> None:

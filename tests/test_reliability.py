@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from splam.args import SetupError
-from splam.checkpoints import check_training_state_format
+from splam.checkpoints import read_training_state
 
 from conftest import REPO_ROOT, launch, logged_scalars, run_script, training_command
 
@@ -149,7 +149,7 @@ def test_a_checkpoint_in_an_earlier_format_is_refused(tmp_path):
     checkpoint.mkdir()
     (checkpoint / "training_state.json").write_text(json.dumps({"global_step": 4, "data_segment": 2}))
     with pytest.raises(SetupError, match="written by an earlier version of this script, in another format"):
-        check_training_state_format(str(checkpoint))
+        read_training_state(str(checkpoint))
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):

@@ -1,0 +1,129 @@
+"""The run's claim on ``output_dir``: the folder is writable, no other run trains into it, its
+checkpoints are one history, and the checkpoint to resume from, if any.
+
+``latest`` and the checkpoint rotation go by step number, so the checkpoints in ``output_dir``
+must all be this run's history: a run refuses to start where ``output_dir`` holds checkpoints
+newer than its own starting step (another run's, or those after the one it rolls back to).
+"""
+
+import fcntl
+import logging
+import os
+import socket
+import tempfile
+
+from accelerate.utils import broadcast_object_list
+
+from .args import SetupError
+from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints, read_training_state
+
+LOCK_FILE = ".training.lock"
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(output_dir: str) -> None:
+    """Create ``output_dir`` and check that this process can write into it (every process writes
+    its RNG state into each checkpoint)."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SetupError(f"--output_dir {output_dir} exists and is not a folder")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=output_dir).close()
+    except OSError as error:
+        raise SetupError(f"--output_dir {output_dir} cannot be written: {error.strerror or error}") from error
+
+
+def check_checkpoints_are_complete(output_dir: str) -> None:
+    """Refuse a ``checkpoint-<step>`` folder without ``training_state.json`` (a copy cut short,
+    another script's checkpoint): ``latest`` could not resume from it and the rotation would delete it."""
+    foreign = [os.path.basename(path) for path in list_checkpoints(output_dir)
+               if not os.path.isfile(os.path.join(path, TRAINING_STATE))]
+    if foreign:
+        raise SetupError(f"{output_dir} holds {', '.join(foreign)}, which {'is' if len(foreign) == 1 else 'are'} not a "
+                         f"complete checkpoint of this script (no {TRAINING_STATE}): move it out of the folder")
+
+
+def check_no_newer_checkpoints(output_dir: str, resume_path, start_step: int) -> None:
+    """Refuse to start where ``output_dir`` holds checkpoints newer than this run's first step:
+    ``latest`` would later resume from them, and the rotation would delete this run's
+    checkpoints before them, both going by step number."""
+    newer = [os.path.basename(path) for path in list_checkpoints(output_dir) if checkpoint_step(path) > start_step]
+    if not newer:
+        return
+    if resume_path is None:
+        raise SetupError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(newer)}): continue it with "
+                         "--resume_from_checkpoint=latest, or move them out of the folder to start a new run there")
+    raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path}, which this run resumes from "
+                     f"({', '.join(newer)}): move them out of the folder first, or --resume_from_checkpoint=latest "
+                     "would later pick them up again")
+
+
+def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
+    """The checkpoint folder to resume from, or ``None`` to start fresh.
+
+    ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
+    any other value must be an existing checkpoint folder. With several processes, call it on
+    the main one and broadcast the answer, so that all resume from the same checkpoint.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    if not os.path.isdir(resume_from_checkpoint):
+        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
+    if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE)):
+        raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint} is not a complete checkpoint of this script")
+    return resume_from_checkpoint
+
+
+def lock_output_dir(output_dir: str):
+    """An exclusive lock on ``output_dir`` for this run's lifetime (keep the returned file open):
+    two runs in one folder would rotate each other's checkpoints away. The second might be a
+    relaunch while the first still trains: ``accelerate launch`` stopped by a signal leaves its
+    training process running. The operating system drops the lock when the holder dies, however.
+    A POSIX record lock (``lockf``): the loader workers forked from the holder do not hold it too,
+    and network filesystems (NFS) pass it between machines."""
+    lock_path = os.path.join(output_dir, LOCK_FILE)
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise SetupError(f"another run is training into {output_dir} ({holder}): stop it first (stopping "
+                         "accelerate launch alone leaves its training process running); if it is gone, as a crashed "
+                         f"machine's lock can outlive it on a network filesystem, delete {lock_path}") from None
+    except OSError as error:  # some network and FUSE filesystems take no locks
+        logger.warning(f"cannot lock {output_dir} ({error.strerror}): nothing stops a second run from using it too")
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
+    """Lock ``output_dir`` for this run, check its checkpoints and pick the one to resume from
+    (``resolve_resume_checkpoint``), on the main process; returns ``(resume path, its training
+    state, lock)`` on all processes (path and state ``None`` for a fresh start, the lock ``None``
+    but on the main one), or raises the main process's error on all."""
+    answer, lock = [None], None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_output_dir(output_dir)
+            check_checkpoints_are_complete(output_dir)
+            path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
+            state = read_training_state(path) if path else None
+            check_no_newer_checkpoints(output_dir, path, state["global_step"] if state else 0)
+            answer = [(path, state, None)]
+        except SetupError as error:
+            answer = [(None, None, str(error))]
+    broadcast_object_list(answer)
+    path, state, error = answer[0]
+    if error is not None:
+        raise SetupError(error)
+    return path, state, lock
