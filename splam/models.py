@@ -1,13 +1,13 @@
 """Loading the teacher's parts and building the student and target UNets (SPEC section 1)."""
 
 import copy
-import inspect
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .args import SetupError
+from .objective import TIMESTEP_SCALING
 
 
 class TeacherError(SetupError):
@@ -16,7 +16,7 @@ class TeacherError(SetupError):
 
 def load_teacher_scheduler(args) -> DDPMScheduler:
     """The teacher's noise schedule, read before any weights so that a teacher outside the
-    method (SPEC: only epsilon prediction) or a DDIM grid that does not fit is refused first."""
+    method (SPEC: only epsilon prediction) or a schedule the sampler cannot follow is refused first."""
     try:
         scheduler = DDPMScheduler.from_pretrained(
             args.pretrained_teacher_model, subfolder="scheduler", revision=args.teacher_revision, cache_dir=args.cache_dir
@@ -24,9 +24,9 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
     except OSError as error:
         reason = " ".join(str(error).split())  # the libraries' messages span several lines
         raise TeacherError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {reason}") from error
-    if scheduler.config.num_train_timesteps % args.num_ddim_timesteps != 0:
+    if args.num_ddim_timesteps > scheduler.config.num_train_timesteps:
         raise SetupError(
-            f"--num_ddim_timesteps {args.num_ddim_timesteps} does not divide the teacher's "
+            f"--num_ddim_timesteps {args.num_ddim_timesteps} exceeds the teacher's "
             f"{scheduler.config.num_train_timesteps} training timesteps"
         )
     if scheduler.config.prediction_type != "epsilon":
@@ -34,15 +34,37 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
             f"the teacher {args.pretrained_teacher_model} predicts {scheduler.config.prediction_type!r}; "
             "SPLAM distils epsilon-prediction teachers only"
         )
+    if scheduler.alphas_cumprod[-1] == 0:
+        raise TeacherError(
+            f"the teacher {args.pretrained_teacher_model}'s schedule ends at zero signal (rescale_betas_zero_snr), "
+            "where an epsilon prediction gives no x0"
+        )
+    try:
+        lcm_scheduler(scheduler.config, args.num_ddim_timesteps)
+    except NotImplementedError as error:  # a beta schedule DDPM knows and LCM does not
+        raise TeacherError(f"the distilled model's LCMScheduler cannot follow the teacher's schedule: {error}") from error
     return scheduler
 
 
+# The keys of a scheduler config that fix the noise schedule alphas_cumprod.
+NOISE_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                       "rescale_betas_zero_snr")
+
+
 def lcm_scheduler(teacher_scheduler_config, num_ddim_timesteps: int) -> LCMScheduler:
-    """The sampler of the distilled model: LCM's multistep sampler on the teacher's schedule,
-    whose original grid is the training's DDIM grid."""
-    accepted = inspect.signature(LCMScheduler.__init__).parameters
-    schedule = {key: value for key, value in teacher_scheduler_config.items() if key in accepted}
-    return LCMScheduler.from_config(schedule, original_inference_steps=num_ddim_timesteps)
+    """The sampler of the distilled model: LCM's multistep sampler on the teacher's noise schedule,
+    whose original grid is the training's DDIM grid.
+
+    Only the noise schedule comes from the teacher's config. How the sampler forms x0 is what
+    training does: epsilon prediction, LCM's boundary scalings, no clipping or thresholding (a
+    teacher config written without ``clip_sample`` reads as DDPM's default, ``True``, which would
+    clip latents to [-1, 1]).
+    """
+    schedule = {key: teacher_scheduler_config[key] for key in NOISE_SCHEDULE_KEYS if key in teacher_scheduler_config}
+    return LCMScheduler.from_config(
+        schedule, original_inference_steps=num_ddim_timesteps, prediction_type="epsilon",
+        clip_sample=False, thresholding=False, timestep_scaling=TIMESTEP_SCALING,
+    )
 
 
 def load_text_encoder_and_vae(args):

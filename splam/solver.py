@@ -4,7 +4,8 @@ Notation (SPEC section 2): ``alphas_cumprod`` is the teacher's DDPM table,
 ``a(t) = sqrt(alphas_cumprod[t])`` and ``s(t) = sqrt(1 - alphas_cumprod[t])``.
 The DDIM grid has ``K = num_train_timesteps // num_ddim_timesteps`` and
 ``ddim_t[i] = (i + 1) * K - 1``; a sub-path runs from ``ts = ddim_t[i]`` to
-``te = max(ts - K, 0)``.
+``te = max(ts - K, 0)``. Where ``num_ddim_timesteps`` does not divide ``num_train_timesteps`` the
+grid stops short of the last timestep (989 for 1000 / 30), as LCMScheduler's original grid does.
 
 Every table is float32: the authors' solver kept float64 tables, which turned the
 student's input into float64 and broke its forward under autocast (SPEC defect 4).
@@ -31,8 +32,8 @@ class DDIMSolver:
         alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
         if alphas_cumprod.shape != (timesteps,):
             raise ValueError(f"alphas_cumprod has shape {tuple(alphas_cumprod.shape)}, expected ({timesteps},)")
-        if timesteps % ddim_timesteps != 0:
-            raise ValueError(f"num_ddim_timesteps={ddim_timesteps} does not divide num_train_timesteps={timesteps}")
+        if not 1 <= ddim_timesteps <= timesteps:
+            raise ValueError(f"num_ddim_timesteps={ddim_timesteps} must lie in [1, num_train_timesteps={timesteps}]")
         self.step_ratio = timesteps // ddim_timesteps
         self.alphas = alphas_cumprod.sqrt()
         self.sigmas = (1.0 - alphas_cumprod).sqrt()

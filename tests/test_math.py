@@ -19,6 +19,7 @@ from splam import (
     sub_path_point,
     update_ema,
 )
+from splam.models import lcm_scheduler
 
 
 def sd_alphas_cumprod():
@@ -76,9 +77,19 @@ def test_no_float64_leaks_into_the_student_input():
     assert half.dtype == torch.float16
 
 
-def test_solver_refuses_a_grid_that_does_not_divide():
-    with pytest.raises(ValueError, match="does not divide"):
-        DDIMSolver(sd_alphas_cumprod(), 1000, 30)
+@pytest.mark.parametrize("num_ddim", [50, 30])
+def test_the_exported_sampler_follows_the_training_schedule_and_grid(num_ddim):
+    """Only the noise schedule comes from the teacher's config: a config written without
+    ``clip_sample`` reads as DDPM's default (clipping), and thresholding or another timestep
+    scaling would change how the sampler forms x0 from what training taught."""
+    teacher = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, thresholding=True)
+    sampler = lcm_scheduler(dict(teacher.config, timestep_scaling=1.0), num_ddim)
+    assert not sampler.config.clip_sample and not sampler.config.thresholding
+    assert sampler.config.timestep_scaling == 10.0 and sampler.config.prediction_type == "epsilon"
+    assert torch.equal(sampler.alphas_cumprod, teacher.alphas_cumprod)
+    sampler.set_timesteps(num_ddim)  # all of the original grid: 999, 979, ... (989, 956, ... for 30)
+    solver = DDIMSolver(teacher.alphas_cumprod, 1000, num_ddim)
+    assert sampler.timesteps.tolist() == solver.ddim_timesteps.flip(0).tolist()
 
 
 def test_boundary_scalings_match_float64(rng):

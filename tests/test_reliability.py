@@ -257,7 +257,7 @@ CASES = {
     "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"], "cannot load the teacher"),
     "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
     "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
-    "ddim grid": (["--num_ddim_timesteps=30"], "--num_ddim_timesteps 30 does not divide"),
+    "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),
     "8-bit adam without bitsandbytes": (["--use_8bit_adam", "HIDE=bitsandbytes"], "--use_8bit_adam needs bitsandbytes"),
     "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
     "xformers missing": (["--enable_xformers_memory_efficient_attention"], "needs xformers"),

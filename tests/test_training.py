@@ -219,6 +219,25 @@ def test_non_epsilon_teacher_is_refused(tiny_teacher, tiny_shards, tmp_path):
     assert "v_prediction" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("schedule, expected", [
+    ({"beta_schedule": "sigmoid"}, "LCMScheduler cannot follow the teacher's schedule"),
+    ({"rescale_betas_zero_snr": True}, "ends at zero signal"),
+    ({"num_train_timesteps": 40}, "--num_ddim_timesteps 50 exceeds the teacher's 40 training timesteps"),
+])
+def test_teacher_schedules_outside_the_method_are_refused_before_weights(schedule, expected, tmp_path):
+    """Only the scheduler folder exists: the refusal comes before any weight would be read."""
+    from diffusers import DDPMScheduler
+
+    from splam.args import SetupError
+    from splam.models import load_teacher_scheduler
+
+    DDPMScheduler(**schedule).save_pretrained(tmp_path / "scheduler")
+    args = parse_args([f"--pretrained_teacher_model={tmp_path}", "--output_dir=unused",
+                       f"--train_shards_path_or_url={tmp_path}/unused.tar", "--max_train_steps=1"])
+    with pytest.raises(SetupError, match=re.escape(expected)):
+        load_teacher_scheduler(args)
+
+
 def test_the_readme_training_command_parses_unchanged():
     readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     command = re.search(r"accelerate launch train_splam_distill_sd_wds\.py \\\n(.*?)```", readme, re.S).group(1)
