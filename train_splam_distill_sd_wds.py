@@ -35,8 +35,8 @@ from splam import update_ema
 from splam.args import SetupError, parse_args, public_config, redact_secrets
 from splam.checkpoints import (
     CheckpointError,
-    apply_hyperparameters,
     ema_checksums,
+    load_checkpoint,
     optimizer_hyperparameters,
     register_unet_hooks,
     save_checkpoint,
@@ -56,6 +56,7 @@ from splam.training import (
     read_loss_and_grad_norm,
     splam_loss,
     take_optimizer_step,
+    total_optimizer_steps,
 )
 from splam.validation import log_validation
 
@@ -157,8 +158,7 @@ def main(args):
     if args.scale_lr:
         args.learning_rate *= global_batch_size
     optimizer = make_optimizer(args, models.unet.parameters())
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * math.ceil(args.max_train_samples / global_batch_size)
+    args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
 
     # The stream is cut into segments of one checkpoint interval, so a resume starts a segment.
     batches_per_segment = args.checkpointing_steps * args.gradient_accumulation_steps
@@ -203,23 +203,28 @@ def main(args):
     # What fixes the data stream: any change makes the batches after a resume differ from those
     # of an uninterrupted run.
     data_stream = {"batches_per_segment": batches_per_segment, "train_batch_size": args.train_batch_size,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "num_processes": accelerator.num_processes, "dataloader_num_workers": args.dataloader_num_workers,
                    "shuffle_buffer_size": args.shuffle_buffer_size, "seed": args.seed,
                    "shards": args.train_latents_path_or_url or args.train_shards_path_or_url}
     global_step, first_segment, samples_seen, data_stats = 0, 0, 0, DataStats()
     if resume_state is not None:
         logger.info(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
+        changes = load_checkpoint(accelerator, resume_path, optimizer, lr_scheduler, hyperparameters)
+        if changes:
+            logger.warning(f"Optimizer settings changed since the checkpoint, this run's apply: {'; '.join(changes)}")
         global_step, first_segment = resume_state["global_step"], resume_state["data_segment"]
         samples_seen = resume_state["samples_seen"]
-        data_stats.update(resume_state["data_stats"])
-        changed = [name for name, value in data_stream.items() if resume_state["data_stream"][name] != value]
+        if accelerator.is_main_process:  # the checkpoint holds all processes' counts
+            data_stats.update(resume_state["data_stats"])
+        saved_stream = resume_state["data_stream"]
+        changed = [name for name, value in data_stream.items() if saved_stream.get(name, value) != value]
         if changed:
             logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
                            "from an uninterrupted run's, so this resume is not exact")
-        changes = apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
-        if changes:
-            logger.warning(f"Optimizer settings changed since the checkpoint, this run's apply: {'; '.join(changes)}")
+        if resume_state.get("max_train_steps", args.max_train_steps) != args.max_train_steps:
+            logger.warning(f"The run now lasts {args.max_train_steps} optimizer steps, not {resume_state['max_train_steps']}: "
+                           "the rest of the lr schedule is reshaped")
 
     logger.info("***** Running SPLAM distillation *****")
     logger.info(f"  Batch size per process = {args.train_batch_size}, processes = {accelerator.num_processes}, "
@@ -230,7 +235,7 @@ def main(args):
     progress_bar = tqdm(
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
-    batches_seen, nonfinite_in_a_row = 0, 0
+    batches_seen, nonfinite_in_a_row, update_loss = 0, 0, 0.0
     batches = train_batches(train_dataloader, first_segment)
     while global_step < args.max_train_steps:
         inputs, conditioning, batch_stats = next(batches)
@@ -241,12 +246,18 @@ def main(args):
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
             loss = splam_loss(latents, prompt_embeds, models, args, autocast)
             accelerator.backward(loss)
+            # The update's loss is the mean over its micro-batches: a NaN in any of them counts.
+            update_loss = update_loss + loss.detach() / args.gradient_accumulation_steps
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-                # The loss averaged over processes and the reduced gradient norm, in one host sync:
-                # NaN or inf anywhere makes them so everywhere, so every process takes the same
-                # decisions below (under FSDP2 they include collectives).
-                loss_value, grad_norm_value = read_loss_and_grad_norm(accelerator, loss, grad_norm)
+                # The loss averaged over processes, the reduced gradient norm and the data counters
+                # summed over processes, in one host sync: NaN or inf anywhere makes loss and norm so
+                # everywhere, so every process takes the same decisions below (under FSDP2 they
+                # include collectives).
+                loss_value, grad_norm_value, (skipped, repaired) = read_loss_and_grad_norm(
+                    accelerator, update_loss, grad_norm, (data_stats.skipped(), data_stats.repaired())
+                )
+                update_loss = 0.0
                 update_taken = take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value)
 
         if not accelerator.sync_gradients:
@@ -267,8 +278,7 @@ def main(args):
                     f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
                     "lower --learning_rate or check the teacher and the data"
                 )
-        logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                "data/skipped": data_stats.skipped(), "data/repaired": data_stats.repaired()}
+        logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "data/skipped": skipped, "data/repaired": repaired}
         if grad_norm_value is not None:
             logs["grad_norm"] = grad_norm_value
         if accelerator.device.type == "cuda":
@@ -277,13 +287,15 @@ def main(args):
         accelerator.log(logs, step=global_step)
 
         if global_step % args.checkpointing_steps == 0:
+            all_data_stats = data_stats.summed_over_processes()
             training_state = {
                 "global_step": global_step,
                 "data_segment": first_segment + math.ceil(batches_seen / batches_per_segment),
                 "data_stream": data_stream,
                 "samples_seen": samples_seen,
-                "data_stats": dict(data_stats),
+                "data_stats": dict(all_data_stats),
                 "optimizer": optimizer_name(args),
+                "max_train_steps": args.max_train_steps,
             }
             path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit)
             logger.info(f"Saved {path}")
@@ -294,8 +306,8 @@ def main(args):
                 if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
                     raise CheckpointError(f"the EMA target differs between processes at step {global_step}")
                 logger.info(f"EMA target identical on all {accelerator.num_processes} processes")
-            if data_stats.total():
-                logger.info(f"Data so far: {data_stats.report()}")
+            if all_data_stats.total():
+                logger.info(f"Data so far: {all_data_stats.report()}")
         if global_step % args.validation_steps == 0:
             student = whole_student(accelerator, unet)
             if accelerator.is_main_process:
@@ -307,8 +319,9 @@ def main(args):
                 )
             del student  # under FSDP2 a gathered copy: not kept on the main GPU until the next validation
     progress_bar.close()
-    if data_stats.total():
-        logger.info(f"Data in all: {data_stats.report()}")
+    all_data_stats = data_stats.summed_over_processes()
+    if all_data_stats.total():
+        logger.info(f"Data in all: {all_data_stats.report()}")
 
     # ---- The distilled pipeline --------------------------------------------------------
     accelerator.wait_for_everyone()

@@ -139,6 +139,21 @@ def optimizer_hyperparameters(optimizer) -> list:
     return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
 
+def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, hyperparameters) -> list:
+    """Resume from ``checkpoint_path``: ``accelerator.load_state``, then this run's optimizer
+    hyperparameters (``apply_hyperparameters``, whose list of changes it returns).
+
+    ``load_state`` also restores accelerate's count of micro-batches, a multiple of the saved run's
+    ``--gradient_accumulation_steps`` (and 0 on a process the checkpoint holds no state of). A
+    checkpoint ends an update, so the count starts again from 0: otherwise, with another number
+    of accumulation steps, the first update would take fewer micro-batches, and not as many on
+    every process.
+    """
+    accelerator.load_state(checkpoint_path)
+    accelerator.step = 0
+    return apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
+
+
 def apply_hyperparameters(optimizer, lr_scheduler, hyperparameters) -> list:
     """After ``accelerator.load_state``: go on from the checkpoint's optimizer state (moments,
     step counts) and schedule position with this run's hyperparameters, as

@@ -19,6 +19,7 @@ stream from segment ``k`` on is the same whether or not the run was restarted th
 
 import collections
 import io
+import logging
 import os
 import random
 import re
@@ -27,6 +28,7 @@ import warnings
 import numpy as np
 import torch
 import webdataset as wds
+from accelerate.utils import gather_object
 from PIL import Image
 
 from .args import SetupError
@@ -41,6 +43,9 @@ HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_UNDECODABLE_IN_A_ROW = 1000
 # The arrays of a latent shard's sample (scripts/precompute_latents.py writes them).
 MOMENTS_KEY, PROMPT_EMBEDS_KEY = "moments.npy", "prompt_embeds.npy"
+
+
+logger = logging.getLogger(__name__)
 
 
 class DataError(RuntimeError):
@@ -61,6 +66,14 @@ class DataStats(collections.Counter):
 
     def report(self) -> str:
         return f"{self.skipped()} samples skipped, {self.repaired()} repaired ({self.summary() or 'no reasons'})"
+
+    def summed_over_processes(self) -> "DataStats":
+        """The counts of all processes added up (each counts what its own loader workers read);
+        a collective, to call on every process."""
+        total = DataStats()
+        for counts in gather_object([dict(self)]):
+            total.update(counts)
+        return total
 
     def pin_memory(self):
         # A pinning loader (on CUDA) would otherwise copy a mapping and update() the copy with its
@@ -226,25 +239,33 @@ def tar_samples(urls, stats: DataStats):
     return wds.tarfile_samples(({"url": url} for url in urls), handler=count_bad_shard)
 
 
-def shuffled(samples, buffer_size: int, rng: random.Random):
-    """Shuffle a stream through a buffer of up to ``buffer_size`` items. The buffer grows by two
-    in, one out, and the first item leaves once a tenth of it is filled, so a segment starts
-    without a long wait."""
+def shuffled(samples, buffer_size: int, rng: random.Random, count: int):
+    """Shuffle a stream through a buffer of up to ``buffer_size`` items: the first ``count`` items
+    (what a segment uses), then, unshuffled, any more asked for (to replace samples that fail to
+    decode after the buffer). The buffer grows by two in, one out, and the first item leaves once
+    a tenth of it is filled, so a segment starts without a long wait; after the ``count``-th item
+    it is emptied rather than refilled, so a segment reads only what it uses (a buffer left full
+    at every segment's end would double the reading of shards)."""
     initial = max(1, buffer_size // 10)
-    buffer = []
     samples = iter(samples)
+    buffer, read = [], 0
     for sample in samples:
         buffer.append(sample)
-        if len(buffer) < buffer_size:
+        read += 1
+        if len(buffer) < buffer_size and read < count:
             extra = next(samples, None)
             if extra is not None:
                 buffer.append(extra)
+                read += 1
+        if read >= count:
+            break
         if len(buffer) >= initial:
             index = rng.randrange(len(buffer))
             buffer[index], buffer[-1] = buffer[-1], buffer[index]
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
+    yield from samples
 
 
 def tokenize(tokenizer, captions, stats: DataStats) -> torch.Tensor:
@@ -332,6 +353,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     Shards are drawn with replacement; set ``segment`` before each pass. Every loader worker
     of every process draws from its own RNG and, when there are at least as many shards as
     workers in all, from its own disjoint share of the shards, so no two read the same sample.
+    A share without one usable sample (all its shards corrupt or empty) falls back to all shards,
+    so that a few bad shards do not stop a run that has good ones.
     """
 
     def __init__(self, urls, samples, *, batch_size, batches_per_segment, shuffle_buffer, seed,
@@ -347,32 +370,41 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.segment = 0
 
     def worker_shards(self):
-        """``(worker id, number of batches, shard URLs)`` of the current loader worker."""
+        """``(worker id, number of batches, shard URLs)`` of the current loader worker. Where the
+        segment's batches do not divide among the workers, the extra ones go to other workers in
+        each segment, so that every worker's share of the shards is read alike over a run (with
+        fewer batches than workers, some workers yield none in a segment)."""
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         base, extra = divmod(self.batches_per_segment, num_workers)
         readers = self.num_processes * num_workers
         urls = self.urls[self.process_index * num_workers + worker::readers] if len(self.urls) >= readers else self.urls
-        return worker, base + (worker < extra), urls
+        return worker, base + ((worker - self.segment) % num_workers < extra), urls
 
     def __iter__(self):
         worker, num_batches, urls = self.worker_shards()
         rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
-        # A run of this many shards in a row without one usable sample means the data is unusable.
-        max_unusable_shards = min(max(8, 2 * len(urls)), 64)
         stats = DataStats()
         unusable_shards = 0
 
         def drawn_shards():
             nonlocal unusable_shards
+            pool = urls
             while True:
-                if unusable_shards >= max_unusable_shards:
+                # A run of this many shards in a row without one usable sample means the data is unusable.
+                if unusable_shards >= min(max(8, 2 * len(pool)), 64):
+                    if len(pool) < len(self.urls):
+                        logger.warning(f"no {self.samples.usable} in {unusable_shards} draws from this loader's "
+                                      f"{len(pool)} of {len(self.urls)} shards: it draws from all of them this "
+                                      "segment, so some samples may be read by more than one loader")
+                        pool, unusable_shards = self.urls, 0
+                        continue
                     raise DataError(
-                        f"no {self.samples.usable} in {unusable_shards} shards in a row of {len(urls)} "
+                        f"no {self.samples.usable} in {unusable_shards} shards in a row of {len(pool)} "
                         f"(skipped so far: {stats.summary() or 'nothing'}); check {self.samples.flag}"
                     )
                 unusable_shards += 1
-                yield rng.choice(urls)
+                yield rng.choice(pool)
 
         def reset_unusable():
             nonlocal unusable_shards
@@ -381,7 +413,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         # Cheap checks happen before the shuffle buffer (they keep unusable samples out of it);
         # decoding after it.
         selected = self.samples.select(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
-        decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng), rng, stats)
+        decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng, num_batches * self.batch_size),
+                                      rng, stats)
         for _ in range(num_batches):
             batch = [next(decoded) for _ in range(self.batch_size)]
             yield *self.samples.collate(batch, stats), DataStats(stats)

@@ -134,21 +134,44 @@ def optimizer_name(args) -> str:
     return "AdamW8bit" if args.use_8bit_adam else "AdamW"
 
 
-def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm):
-    """The loss averaged over processes and the gradient norm (global, after unscaling), as floats.
+def total_optimizer_steps(args, global_batch_size: int, resume_state) -> int:
+    """``--max_train_steps``, or else the optimizer steps in which the run sees ``--num_train_epochs``
+    x ``--max_train_samples`` samples: a streamed dataset has no epochs of its own, so an epoch is
+    a number of samples. After a resume, the steps taken plus those that see the samples still due
+    at this run's global batch, so a resume on another batch size or process count still ends
+    after the samples asked for."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    samples = args.num_train_epochs * args.max_train_samples
+    if resume_state is None:
+        return math.ceil(samples / global_batch_size)
+    samples_due = max(0, samples - resume_state["samples_seen"])
+    return resume_state["global_step"] + math.ceil(samples_due / global_batch_size)
+
+
+def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm, counts=()):
+    """The loss averaged over processes, the gradient norm (global, after unscaling), and
+    ``counts`` (integers of this process's host, such as its skipped samples) summed over processes.
 
     ``grad_norm`` is what ``accelerator.clip_grad_norm_`` returned: a tensor, a DTensor under
     FSDP2, or under DeepSpeed (which clips inside its engine) a float or ``None``; the returned
-    norm is ``None`` then too. Loss and norm travel to the host in one copy, the training loop's
-    one wait for the device per optimizer step: the step must know both before it decides
-    whether to take the update, and one wait instead of two leaves the GPU idle once while the
-    host queues the next work. Every process gets the same two numbers, so all decide alike.
+    norm is ``None`` then too. All travel to the host in one copy, the training loop's one wait
+    for the device per optimizer step: the step must know loss and norm before it decides whether
+    to take the update, and one wait instead of two leaves the GPU idle once while the host queues
+    the next work. Every process gets the same numbers, so all decide alike. The counts enter as
+    fills of float32 (exact below 2**24, tensorboard's own precision), not as a copy to the device,
+    which would wait for the device by itself.
     """
-    values = [accelerator.reduce(loss.detach().float(), reduction="mean")]
+    device = loss.device
+    summed = accelerator.reduce(torch.stack([
+        loss.detach().float(), *(torch.full((), count, dtype=torch.float32, device=device) for count in counts)
+    ]), reduction="sum")
+    values = [summed[:1] / accelerator.num_processes, summed[1:]]
     if grad_norm is not None:
-        values.append(torch.as_tensor(whole_tensor(grad_norm), dtype=values[0].dtype, device=values[0].device))
-    numbers = torch.stack(values).tolist()
-    return numbers[0], numbers[1] if grad_norm is not None else None
+        values.append(torch.as_tensor(whole_tensor(grad_norm), dtype=torch.float32, device=device).reshape(1))
+    numbers = torch.cat(values).tolist()
+    summed_counts = [round(number) for number in numbers[1:1 + len(counts)]]
+    return numbers[0], numbers[-1] if grad_norm is not None else None, summed_counts
 
 
 def take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value: float, grad_norm_value) -> bool:

@@ -24,6 +24,7 @@ from splam.data import (
     decoded_images,
     expand_shard_urls,
     make_train_dataloader,
+    shuffled,
     tar_samples,
     tokenize,
     train_batches,
@@ -233,6 +234,32 @@ def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
     shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
     with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in 8 shards in a row"):
         next(iter(shard_stream(shards, tokenizer)))
+
+
+def test_a_reader_whose_shards_are_all_bad_draws_from_all_shards(tmp_path, tokenizer, caplog):
+    """Process 1 of 2 owns only the corrupt shard: it falls back to all shards and counts the
+    corrupt one, rather than stopping a run that has good data."""
+    good = write_tar(tmp_path / "good.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"} for j in range(6)])
+    corrupt = tmp_path / "corrupt.tar"
+    corrupt.write_bytes(b"not a tar" * 300)
+    pixels, _, stats = next(iter(shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2)))
+    assert pixels.shape[0] == 3 and stats["bad_shard"] >= 8
+    assert "draws from all of them" in caplog.text
+
+
+def test_the_shuffle_reads_only_what_the_segment_uses():
+    """A buffer left full at every segment's end would read shards about twice over."""
+    read = []
+
+    def source():
+        for index in range(10_000):
+            read.append(index)
+            yield index
+
+    stream = shuffled(source(), 1000, random.Random(0), count=300)
+    first = [next(stream) for _ in range(300)]
+    assert sorted(first) == list(range(300)) and first != sorted(first) and len(read) == 300
+    assert next(stream) == 300 and len(read) == 301  # more on demand, for samples that fail to decode
 
 
 def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):

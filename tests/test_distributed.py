@@ -2,6 +2,7 @@
 them, and DeepSpeed ZeRO-2 on one process."""
 
 import io
+import json
 import os
 import types
 
@@ -47,6 +48,21 @@ def test_processes_and_workers_read_disjoint_samples(tmp_path, tiny_teacher):
     assert not first & second
     shard_of = lambda caption: int(caption[1:caption.index("i")])  # noqa: E731
     assert {shard_of(c) % 4 for c in first} <= {0, 1} and {shard_of(c) % 4 for c in second} <= {2, 3}
+
+
+def test_the_extra_batches_of_a_segment_go_to_every_worker_in_turn(tmp_path, tiny_teacher):
+    """One batch per segment and two workers: in alternate segments each worker yields it, so the
+    shards of both workers' shares are read."""
+    urls = wds.shardlists.expand_urls(keyed_shards(str(tmp_path), num_shards=4))
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_teacher, subfolder="tokenizer")
+    stream = ShardStream(urls, ImageTextSamples(ImageTransform(RESOLUTION), tokenizer), batch_size=2,
+                         batches_per_segment=1, shuffle_buffer=4, seed=3)
+    loader = make_train_dataloader(stream, num_workers=2, pin_memory=False)
+    shards_read = set()
+    for _, (_, input_ids, _) in zip(range(4), train_batches(loader, 0)):
+        shards_read |= {int(caption.replace(" ", "")[1:].split("i")[0])
+                        for caption in tokenizer.batch_decode(input_ids, skip_special_tokens=True)}
+    assert shards_read & {0, 2} and shards_read & {1, 3}
 
 
 def torchrun(teacher, shards, output_dir, *flags, env=None, check=True):
@@ -95,16 +111,28 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
 
 
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):
+    """Process 1's share of the shards is two corrupt files: it reads the others too, and what it
+    skips is logged and checkpointed with process 0's counts."""
+    corrupt = [tmp_path / f"corrupt-{index}.tar" for index in range(2)]
+    for path in corrupt:
+        path.write_bytes(b"not a tar" * 300)
+    good = wds.shardlists.expand_urls(tiny_shards)
+    shards = "::".join([good[0], str(corrupt[0]), good[1], str(corrupt[1])])
     output_dir = str(tmp_path / "ddp")
     flags = ["--gradient_accumulation_steps=2", "--checkpointing_steps=2", "--checkpoints_total_limit=2",
              "--resume_from_checkpoint=latest", "--dataloader_num_workers=1"]
-    first = torchrun(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", *flags)
+    first = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=4", *flags)
     assert "processes = 2, accumulation steps = 2, global batch = 8" in first.stderr
     assert first.stderr.count("EMA target identical on all 2 processes") == 2
+    assert "draws from all of them" in first.stderr
     checkpoint = os.path.join(output_dir, "checkpoint-4")
     assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_target"} <= set(os.listdir(checkpoint))
+    bad_shards = json.load(open(os.path.join(checkpoint, "training_state.json")))["data_stats"]["bad_shard"]
+    assert bad_shards >= 16  # 8 draws in a row of its own share per segment, before it falls back
+    assert logged_scalars(output_dir, "data/skipped")[0][4] == bad_shards
+    assert f"Data in all: {bad_shards} samples skipped" in first.stderr
 
-    second = torchrun(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6", *flags)
+    second = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=6", *flags)
     assert "Resuming from" in second.stderr and "checkpoint-4" in second.stderr
     assert second.stderr.count("EMA target identical on all 2 processes") == 1
     assert sorted(name for name in os.listdir(output_dir) if name.startswith("checkpoint")) == ["checkpoint-4", "checkpoint-6"]
@@ -118,7 +146,7 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     assert len(logged_scalars(output_dir, "loss")) == 2
 
     # On one process the lr schedule goes on where it was: it counts updates, not processes.
-    third = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=7", *flags)
+    third = launch(tiny_teacher, shards, output_dir, "--max_train_steps=7", *flags)
     assert "num_processes changed since the checkpoint" in third.stderr
     assert logged_scalars(output_dir, "lr")[-1] == {7: pytest.approx(LEARNING_RATE * 7 / WARMUP_STEPS)}
 

@@ -21,8 +21,8 @@ def test_loss_and_grad_norm_are_read_back_from_any_norm_accelerate_returns(grad_
     from splam.training import read_loss_and_grad_norm
 
     loss = torch.tensor(0.75, requires_grad=True) * 1.0
-    loss_value, grad_norm_value = read_loss_and_grad_norm(Accelerator(cpu=True), loss, grad_norm)
-    assert loss_value == 0.75 and grad_norm_value == (None if grad_norm is None else 2.5)
+    loss_value, grad_norm_value, counts = read_loss_and_grad_norm(Accelerator(cpu=True), loss, grad_norm, (3, 0))
+    assert loss_value == 0.75 and grad_norm_value == (None if grad_norm is None else 2.5) and counts == [3, 0]
 
 
 @pytest.mark.parametrize("grad_scaler", [False, True], ids=["fp32", "fp16 grad scaler and fused AdamW"])
@@ -45,7 +45,8 @@ def test_an_update_with_non_finite_gradients_is_skipped_and_said_so(grad_scaler)
         loss = model(torch.tensor([[first_input, 1.0, 1.0]])).sum()
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), 1.0)
-        return take_optimizer_step(accelerator, optimizer, lr_scheduler, *read_loss_and_grad_norm(accelerator, loss, grad_norm))
+        loss_value, grad_norm_value, _ = read_loss_and_grad_norm(accelerator, loss, grad_norm)
+        return take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value)
 
     before = model.weight.detach().clone()
     assert step(float("inf")) is False
@@ -54,6 +55,54 @@ def test_an_update_with_non_finite_gradients_is_skipped_and_said_so(grad_scaler)
     assert not torch.equal(model.weight, before) and lr_scheduler.scheduler.last_epoch == 1
     if grad_scaler:
         assert accelerator.scaler.get_scale() == 512.0
+
+
+def test_a_resume_starts_a_whole_update_whatever_the_saved_accumulation(tmp_path):
+    """accelerate saves its micro-batch count; a checkpoint of a run with 2 accumulation steps
+    holds a multiple of 2 that, restored into a run with 3, would end the first update after
+    one micro-batch instead of three."""
+    from accelerate import Accelerator
+    from accelerate.state import GradientState
+
+    from splam.checkpoints import load_checkpoint, optimizer_hyperparameters
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    hyperparameters = optimizer_hyperparameters(optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    accelerator.step = 4  # two updates of two micro-batches
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    try:
+        load_checkpoint(accelerator, str(tmp_path / "checkpoint"), optimizer, lr_scheduler, hyperparameters)
+        micro_batches = 0
+        while True:
+            micro_batches += 1
+            with accelerator.accumulate(model):
+                accelerator.backward(model(torch.ones(1, 2)).sum())
+            if accelerator.sync_gradients:
+                break
+        assert micro_batches == 3
+    finally:
+        GradientState._reset_state()  # the other tests' accelerators accumulate nothing
+
+
+@pytest.mark.parametrize("resume_state, expected", [
+    (None, 7),  # 2 epochs of 10 samples in batches of 3: ceil(20 / 3)
+    ({"global_step": 4, "samples_seen": 12}, 7),  # the same batches after a resume
+    ({"global_step": 2, "samples_seen": 16}, 4),  # 2 steps of 8 before the resume: 4 samples to go
+    ({"global_step": 5, "samples_seen": 40}, 5),  # nothing to go: the run ends where it is
+])
+def test_a_run_measured_in_samples_ends_after_them_across_batch_sizes(resume_state, expected):
+    from argparse import Namespace
+
+    from splam.training import total_optimizer_steps
+
+    args = Namespace(max_train_steps=None, num_train_epochs=2, max_train_samples=10)
+    assert total_optimizer_steps(args, 3, resume_state) == expected
+    assert total_optimizer_steps(Namespace(max_train_steps=9), 3, resume_state) == 9
 
 
 def test_8bit_adamw_takes_bitsandbytes_updates_without_its_device_waits(monkeypatch):
