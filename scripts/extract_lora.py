@@ -32,6 +32,8 @@ def main():
                         help="Also sample 2 steps with the teacher + LoRA and with the student, same seed, and print "
                              "the mean absolute difference of the latents relative to the student's.")
     args = parser.parse_args()
+    if args.rank < 1:
+        parser.error(f"--rank must be at least 1, got {args.rank}")
     teacher = UNet2DConditionModel.from_pretrained(args.teacher, subfolder="unet")
     student = UNet2DConditionModel.from_pretrained(args.student, subfolder="unet")
     lora = extract_lora(teacher, student, args.rank)
@@ -49,9 +51,11 @@ def two_step_latents(pipeline, prompt="a photograph of an astronaut riding a hor
 
 
 def lora_error(args) -> float:
-    student = two_step_latents(StableDiffusionPipeline.from_pretrained(args.student))
-    teacher = StableDiffusionPipeline.from_pretrained(args.teacher)
-    teacher.scheduler = LCMScheduler.from_config(teacher.scheduler.config)
+    # float32 throughout: transformers keeps a text encoder saved in float16 so, beside float32 UNets.
+    student_pipeline = StableDiffusionPipeline.from_pretrained(args.student).to(dtype=torch.float32)
+    student = two_step_latents(student_pipeline)
+    teacher = StableDiffusionPipeline.from_pretrained(args.teacher).to(dtype=torch.float32)
+    teacher.scheduler = LCMScheduler.from_config(student_pipeline.scheduler.config)
     teacher.load_lora_weights(args.out)
     return ((two_step_latents(teacher) - student).abs().mean() / student.abs().mean()).item()
 

@@ -61,6 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--pretrained_vae_model_name_or_path", default=None, help="Another VAE, as in training.")
     parser.add_argument("--teacher_revision", default=None)
     parser.add_argument("--cache_dir", default=None)
+    parser.add_argument("--variant", default=None, help="Variant of the teacher's weight files, as in training.")
     parser.add_argument("--train_shards_path_or_url", required=True, help="Image-text shards, as in training.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--resolution", type=int, default=512)

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--teacher_revision", type=str, default=None, help="Revision of the teacher on the Hub.")
     models.add_argument("--revision", type=str, default=None, help="Revision of the student's initialisation (the teacher's UNet).")
     models.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    models.add_argument("--variant", type=str, default=None,
+                        help="Variant of the teacher's weight files, e.g. fp16 for model.fp16.safetensors (trained in float32).")
     models.add_argument("--unet_time_cond_proj_dim", type=int, default=256,
                         help="Width of the gamma embedding E(gamma) when the teacher's UNet has no time_cond_proj_dim.")
     models.add_argument("--time_cond_proj_init", type=str, default="random", choices=["random", "zero"],

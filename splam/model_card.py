@@ -2,7 +2,7 @@
 
 import os
 
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, hf_hub_download
 
 from .args import public_config
 
@@ -17,10 +17,12 @@ CITATION = """@inproceedings{xu2024splam,
 def teacher_license(args):
     """The ``license`` of the teacher's model card, or ``None`` when it has no card or none can be read."""
     source = args.pretrained_teacher_model
-    if os.path.isdir(source):
-        source = os.path.join(source, "README.md")
     try:
-        card = ModelCard.load(source)
+        if os.path.isdir(source):
+            path = os.path.join(source, "README.md")
+        else:  # the teacher's revision, from the cache the weights came from
+            path = hf_hub_download(source, "README.md", revision=args.teacher_revision, cache_dir=args.cache_dir)
+        card = ModelCard.load(path)
     except Exception:  # no README, no network, no such repository: the licence is simply unknown
         return None
     return card.data.license

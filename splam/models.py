@@ -1,10 +1,11 @@
 """Loading the teacher's parts and building the student and target UNets (SPEC section 1)."""
 
 import copy
+import os
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
 from .args import SetupError
 from .objective import TIMESTEP_SCALING
@@ -14,16 +15,46 @@ class TeacherError(SetupError):
     """The teacher cannot be used for SPLAM distillation."""
 
 
+def teacher_load_error(args, part: str, error: OSError) -> TeacherError:
+    """One line for a part of the teacher that cannot be loaded; for a name that is no local
+    folder, the libraries only say that a file is missing, so this says where it was looked for."""
+    reason = " ".join(str(error).split())  # the libraries' messages span several lines
+    where = ("" if os.path.isdir(args.pretrained_teacher_model) else
+             "it is no local folder, and the Hub (or, offline, its cache) has no such model: ")
+    return TeacherError(f"cannot load the teacher's {part} from {args.pretrained_teacher_model!r}: {where}{reason}")
+
+
+def load_teacher_part(args, model_class, subfolder: str, revision=None):
+    """``subfolder`` of the teacher: weights of ``--variant``, in float32 whatever dtype they were
+    stored in, from ``--teacher_revision`` unless ``revision`` is given. diffusers models load in
+    float32 by default; transformers 5 keeps the stored dtype unless told, so a text encoder saved
+    in float16 would meet float32 nets at the export."""
+    options = dict(subfolder=subfolder, revision=revision or args.teacher_revision, cache_dir=args.cache_dir)
+    if model_class is not CLIPTokenizer:
+        options.update(variant=args.variant)
+    if issubclass(model_class, PreTrainedModel):
+        options.update(dtype=torch.float32)
+    try:
+        return model_class.from_pretrained(args.pretrained_teacher_model, **options)
+    except OSError as error:
+        raise teacher_load_error(args, subfolder, error) from error
+
+
 def load_teacher_scheduler(args) -> DDPMScheduler:
     """The teacher's noise schedule, read before any weights so that a teacher outside the
-    method (SPEC: only epsilon prediction) or a schedule the sampler cannot follow is refused first."""
+    method (SPEC: only epsilon prediction; a UNet conditioned on text alone) or a schedule the
+    sampler cannot follow is refused first."""
+    common = dict(revision=args.teacher_revision, cache_dir=args.cache_dir)
     try:
-        scheduler = DDPMScheduler.from_pretrained(
-            args.pretrained_teacher_model, subfolder="scheduler", revision=args.teacher_revision, cache_dir=args.cache_dir
-        )
+        scheduler = DDPMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler", **common)
+        unet_config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet", **common)
     except OSError as error:
-        reason = " ".join(str(error).split())  # the libraries' messages span several lines
-        raise TeacherError(f"cannot load the teacher {args.pretrained_teacher_model!r}: {reason}") from error
+        raise teacher_load_error(args, "scheduler and unet configs", error) from error
+    if unet_config.get("addition_embed_type") is not None:
+        raise TeacherError(
+            f"the teacher {args.pretrained_teacher_model}'s UNet takes added embeddings (addition_embed_type "
+            f"{unet_config['addition_embed_type']!r}, as SDXL's does); SPLAM here distils UNets conditioned on text alone"
+        )
     if args.num_ddim_timesteps > scheduler.config.num_train_timesteps:
         raise SetupError(
             f"--num_ddim_timesteps {args.num_ddim_timesteps} exceeds the teacher's "
@@ -69,11 +100,10 @@ def lcm_scheduler(teacher_scheduler_config, num_ddim_timesteps: int) -> LCMSched
 
 def load_text_encoder_and_vae(args):
     """``(tokenizer, text_encoder, vae)``, frozen, on the CPU in float32."""
-    common = dict(revision=args.teacher_revision, cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_teacher_model, subfolder="tokenizer", **common)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_teacher_model, subfolder="text_encoder", **common)
+    tokenizer = load_teacher_part(args, CLIPTokenizer, "tokenizer")
+    text_encoder = load_teacher_part(args, CLIPTextModel, "text_encoder")
     if args.pretrained_vae_model_name_or_path is None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", **common)
+        vae = load_teacher_part(args, AutoencoderKL, "vae")
     else:
         try:
             vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
@@ -86,11 +116,7 @@ def load_text_encoder_and_vae(args):
 
 def load_teacher_unet(args) -> UNet2DConditionModel:
     """The frozen teacher UNet, on the CPU in float32."""
-    return freeze(
-        UNet2DConditionModel.from_pretrained(
-            args.pretrained_teacher_model, subfolder="unet", revision=args.teacher_revision, cache_dir=args.cache_dir
-        )
-    )
+    return freeze(load_teacher_part(args, UNet2DConditionModel, "unet"))
 
 
 def store_autocast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -130,9 +156,7 @@ def build_student(args, teacher_unet: UNet2DConditionModel) -> UNet2DConditionMo
     if args.revision is None:
         weights = teacher_unet.state_dict()
     else:
-        weights = UNet2DConditionModel.from_pretrained(
-            args.pretrained_teacher_model, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir
-        ).state_dict()
+        weights = load_teacher_part(args, UNet2DConditionModel, "unet", revision=args.revision).state_dict()
     missing, unexpected = student.load_state_dict(weights, strict=False)
     if unexpected or any(not name.startswith("time_embedding.cond_proj") for name in missing):
         raise TeacherError(f"the teacher's UNet does not fit the student: missing {missing}, unexpected {unexpected}")

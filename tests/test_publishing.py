@@ -152,3 +152,21 @@ def test_an_unreachable_hub_stops_the_run_before_training(tiny_teacher, tiny_sha
                         "--max_train_steps=2", "--push_to_hub", env=env, timeout=300)
     assert result.returncode != 0
     assert "error: cannot create the Hub repository 'out'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_licence_of_a_hub_teacher_comes_from_the_cache_its_weights_came_from(tmp_path, monkeypatch):
+    """--cache_dir and --teacher_revision apply to the teacher's card as to its weights."""
+    import argparse
+
+    from splam.model_card import teacher_license
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--someone--tiny-sd"
+    for revision, commit, license_name in (("main", "a" * 40, "mit"), ("v2", "b" * 40, "apache-2.0")):
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "README.md").write_text(f"---\nlicense: {license_name}\n---\n# tiny\n")
+    teacher = argparse.Namespace(pretrained_teacher_model="someone/tiny-sd", teacher_revision=None, cache_dir=str(tmp_path))
+    assert teacher_license(teacher) == "mit"
+    assert teacher_license(argparse.Namespace(**{**vars(teacher), "teacher_revision": "v2"})) == "apache-2.0"

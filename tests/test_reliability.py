@@ -254,7 +254,8 @@ def v_prediction_teacher(teacher, tmp_path):
 
 CASES = {
     "missing teacher": (["--pretrained_teacher_model={tmp}/no-such-teacher"], "cannot load the teacher"),
-    "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"], "cannot load the teacher"),
+    "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"],
+                       "from 'someone/no-such-model': it is no local folder, and the Hub (or, offline, its cache) has no such model"),
     "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
     "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
     "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),

@@ -268,23 +268,53 @@ def test_non_epsilon_teacher_is_refused(tiny_teacher, tiny_shards, tmp_path):
     assert "v_prediction" in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ({"beta_schedule": "sigmoid"}, "LCMScheduler cannot follow the teacher's schedule"),
-    ({"rescale_betas_zero_snr": True}, "ends at zero signal"),
-    ({"num_train_timesteps": 40}, "--num_ddim_timesteps 50 exceeds the teacher's 40 training timesteps"),
+@pytest.mark.parametrize("schedule, unet, expected", [
+    ({"beta_schedule": "sigmoid"}, {}, "LCMScheduler cannot follow the teacher's schedule"),
+    ({"rescale_betas_zero_snr": True}, {}, "ends at zero signal"),
+    ({"num_train_timesteps": 40}, {}, "--num_ddim_timesteps 50 exceeds the teacher's 40 training timesteps"),
+    ({}, {"addition_embed_type": "text_time"}, "takes added embeddings (addition_embed_type 'text_time', as SDXL's does)"),
 ])
-def test_teacher_schedules_outside_the_method_are_refused_before_weights(schedule, expected, tmp_path):
-    """Only the scheduler folder exists: the refusal comes before any weight would be read."""
+def test_teachers_outside_the_method_are_refused_before_weights(schedule, unet, expected, tiny_teacher, tmp_path):
+    """Only the configs exist: the refusal comes before any weight would be read."""
+    import json
+
     from diffusers import DDPMScheduler
 
     from splam.args import SetupError
     from splam.models import load_teacher_scheduler
 
     DDPMScheduler(**schedule).save_pretrained(tmp_path / "scheduler")
+    unet_config = json.load(open(os.path.join(tiny_teacher, "unet", "config.json")))
+    os.makedirs(tmp_path / "unet")
+    json.dump({**unet_config, **unet}, open(tmp_path / "unet" / "config.json", "w"))
     args = parse_args([f"--pretrained_teacher_model={tmp_path}", "--output_dir=unused",
                        f"--train_shards_path_or_url={tmp_path}/unused.tar", "--max_train_steps=1"])
     with pytest.raises(SetupError, match=re.escape(expected)):
         load_teacher_scheduler(args)
+
+
+def test_a_teacher_stored_in_float16_is_loaded_in_float32_with_or_without_a_variant(tiny_teacher, tmp_path):
+    """transformers 5 keeps a text encoder in the dtype it was saved in; the export would then
+    mix a float16 text encoder with float32 nets and fail after the whole training."""
+    from diffusers import StableDiffusionPipeline
+
+    from splam.args import SetupError
+    from splam.models import load_teacher_unet, load_text_encoder_and_vae
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_teacher, torch_dtype=torch.float16)
+    pipeline.save_pretrained(tmp_path / "plain")
+    pipeline.save_pretrained(tmp_path / "variant", variant="fp16")
+
+    def teacher_args(folder, *flags):
+        return parse_args([f"--pretrained_teacher_model={tmp_path / folder}", "--output_dir=unused",
+                           "--train_shards_path_or_url=unused.tar", "--max_train_steps=1", *flags])
+
+    for args in (teacher_args("plain"), teacher_args("variant", "--variant=fp16")):
+        _, text_encoder, vae = load_text_encoder_and_vae(args)
+        for net in (text_encoder, vae, load_teacher_unet(args)):
+            assert {parameter.dtype for parameter in net.parameters()} == {torch.float32}
+    with pytest.raises(SetupError, match=r"cannot load the teacher's text_encoder from .*variant"):
+        load_text_encoder_and_vae(teacher_args("variant"))
 
 
 def test_the_readme_training_command_parses_unchanged():
@@ -314,11 +344,13 @@ def test_the_readme_inference_snippet_samples_the_output(resumed_run):
     output_dir, _, _, _ = resumed_run
     readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     snippet = re.search(r"## Inference.*?```python\n(.*?)```", readme, re.S).group(1)
-    snippet = snippet.replace('"path/to/saved/model"', repr(output_dir)).replace('"cuda"', '"cpu"').replace("float16", "float32")
+    snippet = snippet.replace('"path/to/saved/model"', repr(output_dir)).replace('"cuda"', '"cpu"')
     namespace = {}
     exec(snippet, namespace)
     image = np.asarray(namespace["images"][0])
     assert image.shape == (RESOLUTION, RESOLUTION, 3) and image.std() > 0
+    # The seed's pipe.to(torch_device=..., torch_dtype=...) would have left it in float32.
+    assert namespace["pipe"].unet.dtype == namespace["pipe"].text_encoder.dtype == torch.float16
     # The seed README's old argument name still runs (today's pipeline ignores it).
     assert namespace["pipe"](prompt="a cat", num_inference_steps=1, guidance_scale=1, lcm_origin_steps=50).images
 
