@@ -1,7 +1,7 @@
 """Training checkpoints: ``output_dir/checkpoint-<step>/`` with accelerate's state
 (optimizer, lr scheduler, grad scaler, the RNG states of every process), the online
 student in ``unet/``, the EMA target in ``unet_target/`` and ``training_state.json``
-(the step, the data stream's position and counters, the optimizer's kind).
+(the step, the data stream's position and counters, the optimizer's kind, the run's length).
 
 A checkpoint is written into a hidden staging folder and renamed into place once
 complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that ``latest``
