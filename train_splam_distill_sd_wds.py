@@ -53,7 +53,7 @@ from splam.training import (
     make_optimizer,
     mixed_precision_autocast,
     optimizer_name,
-    read_loss_and_grad_norm,
+    read_step_values,
     splam_loss,
     take_optimizer_step,
     total_optimizer_steps,
@@ -217,12 +217,11 @@ def main(args):
         samples_seen = resume_state["samples_seen"]
         if accelerator.is_main_process:  # the checkpoint holds all processes' counts
             data_stats.update(resume_state["data_stats"])
-        saved_stream = resume_state["data_stream"]
-        changed = [name for name, value in data_stream.items() if saved_stream.get(name, value) != value]
+        changed = [name for name, value in data_stream.items() if resume_state["data_stream"][name] != value]
         if changed:
             logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
                            "from an uninterrupted run's, so this resume is not exact")
-        if resume_state.get("max_train_steps", args.max_train_steps) != args.max_train_steps:
+        if resume_state["max_train_steps"] != args.max_train_steps:
             logger.warning(f"The run now lasts {args.max_train_steps} optimizer steps, not {resume_state['max_train_steps']}: "
                            "the rest of the lr schedule is reshaped")
 
@@ -254,7 +253,7 @@ def main(args):
                 # summed over processes, in one host sync: NaN or inf anywhere makes loss and norm so
                 # everywhere, so every process takes the same decisions below (under FSDP2 they
                 # include collectives).
-                loss_value, grad_norm_value, (skipped, repaired) = read_loss_and_grad_norm(
+                loss_value, grad_norm_value, (skipped, repaired) = read_step_values(
                     accelerator, update_loss, grad_norm, (data_stats.skipped(), data_stats.repaired())
                 )
                 update_loss = 0.0
@@ -327,7 +326,7 @@ def main(args):
     accelerator.wait_for_everyone()
     student = whole_student(accelerator, unet)
     if accelerator.is_main_process:
-        # The frozen nets were cast for training; the published pipeline gets them as released.
+        # The frozen nets were cast for training; the published pipeline gets them afresh, in float32.
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
         export_pipeline(
             args, tokenizer, text_encoder, vae, target_unet, student,

@@ -13,7 +13,7 @@ peak memory.
 
 ``--data synthetic`` (the default) runs the training script's own step
 (``splam.training.encode_batch``, ``splam_loss``, backward, clipping,
-``read_loss_and_grad_norm``, ``take_optimizer_step``, EMA) on a random batch already on the
+``read_step_values``, ``take_optimizer_step``, EMA) on a random batch already on the
 device, timed with CUDA events on a GPU; it also prints the FLOPs of a step (counted by
 ``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s and, given
 ``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak), and the
@@ -78,7 +78,7 @@ from splam.training import (  # noqa: E402
     mixed_precision_autocast,
     optimizer_name,
     posterior_moments,
-    read_loss_and_grad_norm,
+    read_step_values,
     splam_loss,
     take_optimizer_step,
 )
@@ -200,7 +200,7 @@ def measure_step(options, extra, teacher_dir):
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
             # (0, 0): the skipped and repaired counts the training loop sends along.
-            loss_value, grad_norm_value, _ = read_loss_and_grad_norm(accelerator, loss, grad_norm, (0, 0))
+            loss_value, grad_norm_value, _ = read_step_values(accelerator, loss, grad_norm, (0, 0))
             if take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value):
                 update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(),
                            args.ema_decay)

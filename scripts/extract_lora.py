@@ -6,7 +6,7 @@ folded student (``scripts/fold_gamma.py``) and its teacher, factorises every cha
 weight delta at rank ``R`` (``splam.lora``), and saves a diffusers LoRA. Use it like LCM-LoRA:
 
     pipe = StableDiffusionPipeline.from_pretrained(T)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = LCMScheduler.from_pretrained(DIR, subfolder="scheduler")  # the training's grid
     pipe.load_lora_weights(LORA_DIR)
     image = pipe(prompt, num_inference_steps=2, guidance_scale=1.0).images[0]
 """

@@ -25,7 +25,7 @@ from .sharding import whole_student
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
 # Bumped when training_state.json or the checkpoint's files change meaning.
-TRAINING_STATE_FORMAT = 2
+TRAINING_STATE_FORMAT = 3
 
 
 class CheckpointError(RuntimeError):
@@ -47,11 +47,15 @@ def list_checkpoints(output_dir: str) -> list:
 
 
 def read_training_state(checkpoint_path: str) -> dict:
-    """A checkpoint's ``training_state.json``; refused if an earlier version of this script
-    wrote the checkpoint, in another format."""
-    with open(os.path.join(checkpoint_path, TRAINING_STATE), encoding="utf-8") as handle:
-        training_state = json.load(handle)
-    if training_state.get("format") != TRAINING_STATE_FORMAT:
+    """A checkpoint's ``training_state.json``; refused, as ``SetupError``, if it cannot be read or
+    an earlier version of this script wrote the checkpoint, in another format."""
+    path = os.path.join(checkpoint_path, TRAINING_STATE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            training_state = json.load(handle)
+    except (OSError, ValueError) as error:  # unreadable, or not JSON
+        raise SetupError(f"cannot read {path}: {error}") from error
+    if not isinstance(training_state, dict) or training_state.get("format") != TRAINING_STATE_FORMAT:
         raise SetupError(f"{checkpoint_path} was written by an earlier version of this script, in another format: "
                          "resume it with that version")
     return training_state

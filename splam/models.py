@@ -2,6 +2,7 @@
 
 import copy
 import os
+import re
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
@@ -11,17 +12,24 @@ from .args import SetupError
 from .objective import TIMESTEP_SCALING
 
 
+# A weight file of a variant: model.fp16.safetensors, diffusion_pytorch_model.fp16.bin.
+VARIANT_FILE = re.compile(r"^.+\.(\w+)\.(?:safetensors|bin)$")
+
+
 class TeacherError(SetupError):
     """The teacher cannot be used for SPLAM distillation."""
 
 
-def teacher_load_error(args, part: str, error: OSError) -> TeacherError:
-    """One line for a part of the teacher that cannot be loaded; for a name that is no local
-    folder, the libraries only say that a file is missing, so this says where it was looked for."""
-    reason = " ".join(str(error).split())  # the libraries' messages span several lines
-    where = ("" if os.path.isdir(args.pretrained_teacher_model) else
-             "it is no local folder, and the Hub (or, offline, its cache) has no such model: ")
-    return TeacherError(f"cannot load the teacher's {part} from {args.pretrained_teacher_model!r}: {where}{reason}")
+def teacher_load_error(args, part: str, error: OSError, hint: str = "") -> TeacherError:
+    """One line for a part of the teacher that cannot be loaded (the libraries' messages span several)."""
+    reason = " ".join(str(error).split())
+    return TeacherError(f"cannot load the teacher's {part} from {args.pretrained_teacher_model!r}: {hint}{reason}")
+
+
+def weight_variants(folder: str) -> list:
+    """The variants of the weight files in a local folder: ``fp16`` for ``model.fp16.safetensors``."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted({match.group(1) for match in map(VARIANT_FILE.match, names) if match})
 
 
 def load_teacher_part(args, model_class, subfolder: str, revision=None):
@@ -37,7 +45,10 @@ def load_teacher_part(args, model_class, subfolder: str, revision=None):
     try:
         return model_class.from_pretrained(args.pretrained_teacher_model, **options)
     except OSError as error:
-        raise teacher_load_error(args, subfolder, error) from error
+        variants = [variant for variant in weight_variants(os.path.join(args.pretrained_teacher_model, subfolder))
+                    if variant != args.variant]
+        hint = f"it holds weights of variant {', '.join(variants)} (pass --variant): " if variants else ""
+        raise teacher_load_error(args, subfolder, error, hint) from error
 
 
 def load_teacher_scheduler(args) -> DDPMScheduler:
@@ -49,7 +60,10 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
         scheduler = DDPMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler", **common)
         unet_config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet", **common)
     except OSError as error:
-        raise teacher_load_error(args, "scheduler and unet configs", error) from error
+        # The first files read: for a name that is no folder, the libraries say only that a file is missing.
+        hint = ("" if os.path.isdir(args.pretrained_teacher_model) else
+                "it is no local folder, and the Hub (or, offline, its cache) has no such model: ")
+        raise teacher_load_error(args, "scheduler and unet configs", error, hint) from error
     if unet_config.get("addition_embed_type") is not None:
         raise TeacherError(
             f"the teacher {args.pretrained_teacher_model}'s UNet takes added embeddings (addition_embed_type "

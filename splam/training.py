@@ -149,7 +149,7 @@ def total_optimizer_steps(args, global_batch_size: int, resume_state) -> int:
     return resume_state["global_step"] + math.ceil(samples_due / global_batch_size)
 
 
-def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm, counts=()):
+def read_step_values(accelerator, loss: torch.Tensor, grad_norm, counts=()):
     """The loss averaged over processes, the gradient norm (global, after unscaling), and
     ``counts`` (integers of this process's host, such as its skipped samples) summed over processes.
 
@@ -158,9 +158,9 @@ def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm, counts=(
     norm is ``None`` then too. All travel to the host in one copy, the training loop's one wait
     for the device per optimizer step: the step must know loss and norm before it decides whether
     to take the update, and one wait instead of two leaves the GPU idle once while the host queues
-    the next work. Every process gets the same numbers, so all decide alike. The counts enter as
-    fills of float32 (exact below 2**24, tensorboard's own precision), not as a copy to the device,
-    which would wait for the device by itself.
+    the next work. Every process gets the same numbers, so all decide alike. It is a collective:
+    every process passes as many counts. They enter as fills of float32 (exact below 2**24,
+    tensorboard's own precision), not as a copy to the device, which would wait for it by itself.
     """
     device = loss.device
     summed = accelerator.reduce(torch.stack([
@@ -176,7 +176,7 @@ def read_loss_and_grad_norm(accelerator, loss: torch.Tensor, grad_norm, counts=(
 
 def take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value: float, grad_norm_value) -> bool:
     """Step the optimizer and the lr schedule unless the loss or the gradient norm (from
-    ``read_loss_and_grad_norm``) is non-finite, then clear the gradients; returns whether the
+    ``read_step_values``) is non-finite, then clear the gradients; returns whether the
     update was taken, which is when the EMA target follows.
 
     Under fp16 the grad scaler finds the same inf gradients and skips the update itself, lowering

@@ -144,11 +144,18 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
     assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
 
 
-def test_a_checkpoint_in_an_earlier_format_is_refused(tmp_path):
+@pytest.mark.parametrize("content, expected", [
+    ({"global_step": 4, "data_segment": 2}, "written by an earlier version of this script, in another format"),
+    ({"format": 2, "global_step": 4}, "written by an earlier version of this script, in another format"),
+    ("{cut short", "cannot read"),
+])
+def test_a_checkpoint_in_an_earlier_format_or_unreadable_is_refused(content, expected, tmp_path):
+    """Refused as SetupError, which the main process passes on to the others (any other error
+    would leave them waiting for its answer)."""
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    (checkpoint / "training_state.json").write_text(json.dumps({"global_step": 4, "data_segment": 2}))
-    with pytest.raises(SetupError, match="written by an earlier version of this script, in another format"):
+    (checkpoint / "training_state.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(SetupError, match=expected):
         read_training_state(str(checkpoint))
 
 
