@@ -33,7 +33,7 @@ from evaluate import TEACHER_STEPS, evaluate  # noqa: E402
 
 SETTINGS = {
     "full": dict(vae_steps=1000, unet_steps=3000, distill_steps=500, seeds=[0, 1, 2, 3, 4]),
-    "quick": dict(vae_steps=60, unet_steps=150, distill_steps=30, seeds=[0, 1]),
+    "quick": dict(vae_steps=20, unet_steps=40, distill_steps=10, seeds=[0, 1]),
 }
 W_SCALE = 3.0
 METHODS = {
