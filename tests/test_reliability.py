@@ -218,7 +218,8 @@ def test_dirty_data_is_counted_and_reported_not_fatal(tiny_teacher, tmp_path):
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(open(shard, "rb").read()[:5000])
     output_dir = str(tmp_path / "run")
-    result = launch(tiny_teacher, f"{shard}::{truncated}", output_dir, "--max_train_steps=4", "--checkpointing_steps=2",
+    # One segment of 32 samples: more than the dirty shard's 18 usable ones, so it is read to its end.
+    result = launch(tiny_teacher, f"{shard}::{truncated}", output_dir, "--max_train_steps=4", "--checkpointing_steps=4",
                     "--shuffle_buffer_size=4", "--train_batch_size=8")
     report = [line for line in result.stderr.splitlines() if "Data in all:" in line]
     assert report, result.stderr[-3000:]
