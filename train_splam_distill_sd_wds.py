@@ -26,6 +26,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.tracking import get_available_trackers
 from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
@@ -61,6 +62,8 @@ from splam.training import (
 from splam.validation import log_validation
 
 logger = get_logger(__name__)
+# Where diffusers' polynomial schedule ends (get_scheduler's lr_end).
+POLYNOMIAL_LR_END = 1e-7
 
 
 class NonFiniteError(RuntimeError):
@@ -68,22 +71,25 @@ class NonFiniteError(RuntimeError):
 
 
 def check_optional_dependencies(args) -> None:
-    """Stop before any weight is loaded when a requested optional package is missing."""
+    """Stop before any weight is loaded when a requested optional package is missing. xformers
+    alone is only a warning: without it PyTorch's scaled-dot-product attention computes the same
+    attention (as fast on current GPUs), so the authors' command trains wherever xformers does not
+    install."""
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
-        raise SetupError(
-            "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
-            "without the flag PyTorch's scaled-dot-product attention is used"
-        )
+        logger.warning("--enable_xformers_memory_efficient_attention: xformers is not installed, so PyTorch's "
+                       "scaled-dot-product attention is used (the same attention; pip install xformers for xformers')")
+        args.enable_xformers_memory_efficient_attention = False
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as error:
             raise SetupError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from error
-    if "wandb" in args.report_to or args.report_to == "all":
-        try:
-            import wandb  # noqa: F401
-        except ImportError as error:
-            raise SetupError("--report_to=wandb needs wandb (pip install wandb)") from error
+    # accelerate drops a named tracker that is not installed with a debug message only ("all" means
+    # whichever are installed).
+    available = {tracker.value for tracker in get_available_trackers()}
+    for tracker in args.report_to.split(","):
+        if tracker not in ("all", "none", *available):
+            raise SetupError(f"--report_to={tracker} needs {tracker} (pip install {tracker})")
 
 
 def check_accelerate_config(accelerator) -> None:
@@ -107,7 +113,7 @@ def make_accelerator(args) -> Accelerator:
     return Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=[tracker for tracker in args.report_to.split(",") if tracker != "none"],
+        log_with=[tracker for tracker in args.report_to.split(",") if tracker != "none"] or None,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
@@ -124,6 +130,10 @@ def main(args):
          else library.utils.logging.set_verbosity_error)()
     if args.seed is not None:
         set_seed(args.seed, device_specific=True)
+    # Recorded as run, whether set by the flag or by the accelerate config.
+    args.mixed_precision = accelerator.mixed_precision
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
+        logger.warning("accelerate runs fp16 on a CPU without autocast or grad scaling: this run computes in float32")
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
     prepare_output_dir(args.output_dir)
@@ -143,6 +153,12 @@ def main(args):
     if args.hub_token is not None:
         logger.warning("--hub_token is on the command line, which accelerate launch prints in full if this process "
                        "fails: prefer HF_TOKEN or `hf auth login`")
+    global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # --scale_lr multiplies the rate by the global batch; the flags are recorded as given.
+    learning_rate = args.learning_rate * global_batch_size if args.scale_lr else args.learning_rate
+    if args.lr_scheduler == "polynomial" and learning_rate <= POLYNOMIAL_LR_END:
+        raise SetupError(f"--lr_scheduler polynomial decays the learning rate to {POLYNOMIAL_LR_END}: "
+                         f"it must start above that, got {learning_rate}")
     teacher_scheduler = load_teacher_scheduler(args)
     publisher = None
     if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
@@ -153,11 +169,7 @@ def main(args):
             raise SetupError(f"cannot create the Hub repository {repo_id!r}: {' '.join(str(error).split())}") from error
 
     models = build_distillation_models(args, accelerator, teacher_scheduler)
-
-    global_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    if args.scale_lr:
-        args.learning_rate *= global_batch_size
-    optimizer = make_optimizer(args, models.unet.parameters())
+    optimizer = make_optimizer(args, models.unet.parameters(), learning_rate)
     args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
 
     # The stream is cut into segments of one checkpoint interval, so a resume starts a segment.
@@ -189,6 +201,8 @@ def main(args):
         optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps,
         num_training_steps=args.max_train_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     hyperparameters = optimizer_hyperparameters(optimizer)
     models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
@@ -228,7 +242,7 @@ def main(args):
     logger.info("***** Running SPLAM distillation *****")
     logger.info(f"  Batch size per process = {args.train_batch_size}, processes = {accelerator.num_processes}, "
                 f"accumulation steps = {args.gradient_accumulation_steps}, global batch = {global_batch_size}")
-    logger.info(f"  Optimizer steps = {args.max_train_steps}, starting at step {global_step}")
+    logger.info(f"  Optimizer steps = {args.max_train_steps}, starting at step {global_step}, learning rate = {learning_rate}")
 
     # ---- The loop ----------------------------------------------------------------------
     progress_bar = tqdm(

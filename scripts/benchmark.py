@@ -186,7 +186,7 @@ def measure_step(options, extra, teacher_dir):
     args = training_args(teacher_dir, options, "synthetic", "--max_train_steps=1", *extra)
     torch.manual_seed(0)
     models = build_distillation_models(args, accelerator, load_teacher_scheduler(args))
-    optimizer = make_optimizer(args, models.unet.parameters())
+    optimizer = make_optimizer(args, models.unet.parameters(), args.learning_rate)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     models.unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     inputs, conditioning = synthetic_batch(args, models, accelerator.device)

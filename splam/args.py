@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--scale_lr", action="store_true", help="Multiply the lr by the global batch size.")
     training.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULES,
                           help="diffusers' schedule of the lr over the optimizer steps, after --lr_warmup_steps.")
-    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up optimizer steps.")
+    training.add_argument("--lr_warmup_steps", type=int, default=500,
+                          help="Warm-up optimizer steps (the constant schedule has none: use constant_with_warmup).")
+    training.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    training.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule's decay.")
     training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
     training.add_argument("--adam_beta1", type=float, default=0.9)
     training.add_argument("--adam_beta2", type=float, default=0.999)

@@ -5,6 +5,7 @@ steps through here.
 """
 
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from .objective import (
 )
 from .sharding import whole_tensor
 from .solver import DDIMSolver, append_dims
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,7 +111,14 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
         # forward and backward are most of the compilation's minutes. The encoders are compiled only
         # where the steps call them, and after the empty prompt's encoding, so that their first
         # compilation is for the training batch's shape rather than one more for a single prompt.
-        to_compile = [teacher_unet, target_unet] + ([unet] if args.torch_compile == "all" else [])
+        compile_student = args.torch_compile == "all"
+        if compile_student and accelerator.device.type == "cpu":
+            # Measured with torch 2.13: inductor's CPU code for the SD UNet's backward zeroes the
+            # gradients of the mid and up blocks (its forward is exact). CUDA's code is another generator.
+            logger.warning("--torch_compile: the student stays uncompiled on a CPU, where torch's compiler was "
+                           "measured to give it wrong gradients; the frozen nets are compiled")
+            compile_student = False
+        to_compile = [teacher_unet, target_unet] + ([unet] if compile_student else [])
         if not args.train_latents_path_or_url:
             to_compile += [text_encoder, vae.encoder]
         for model in to_compile:
@@ -117,11 +127,11 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
                               uncond_input_ids, uncond_prompt_embeds)
 
 
-def make_optimizer(args, params):
+def make_optimizer(args, params, learning_rate: float):
     """AdamW, or bitsandbytes' 8-bit AdamW with ``--use_8bit_adam`` (``splam.adamw8bit``, which
     queues its per-tensor updates without host waits); torch's fused kernel on CUDA."""
     params = list(params)
-    options = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    options = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:
         from .adamw8bit import AdamW8bit

@@ -269,7 +269,6 @@ CASES = {
     "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),
     "8-bit adam without bitsandbytes": (["--use_8bit_adam", "HIDE=bitsandbytes"], "--use_8bit_adam needs bitsandbytes"),
     "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
-    "xformers missing": (["--enable_xformers_memory_efficient_attention"], "needs xformers"),
     "resume path missing": (["--resume_from_checkpoint={tmp}/checkpoint-9"], "no such folder"),
     "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
     "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
@@ -286,6 +285,9 @@ CASES = {
     "foreign checkpoint folder": (["MKDIR={tmp}/out/checkpoint-99", "--resume_from_checkpoint=latest"],
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
+    "polynomial schedule from its end": (["--lr_scheduler=polynomial", "--learning_rate=1e-7"],
+                                         "--lr_scheduler polynomial decays the learning rate to 1e-07"),
+    "tracker not installed": (["--report_to=tensorboard,mlflow"], "--report_to=mlflow needs mlflow"),
     "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
 }

@@ -242,15 +242,16 @@ def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_
         assert secret.decode() not in result.stdout + result.stderr
 
 
-def test_missing_xformers_stops_before_loading_weights(tiny_teacher, tiny_shards, tmp_path):
+def test_missing_xformers_falls_back_to_pytorch_attention_with_a_warning(tiny_teacher, tiny_shards, tmp_path):
+    """The authors' command has the flag; xformers is not installed here. The run goes on (to the
+    missing teacher, which stops it cheaply) after saying which attention it uses."""
     result = run_script(
         "train_splam_distill_sd_wds.py", f"--pretrained_teacher_model={tmp_path}/no-such-teacher",
         f"--train_shards_path_or_url={tiny_shards}", f"--output_dir={tmp_path}/out", "--max_train_steps=1",
         "--enable_xformers_memory_efficient_attention",
     )
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --enable_xformers_memory_efficient_attention needs xformers")
-    assert "Traceback" not in result.stderr
+    assert "xformers is not installed, so PyTorch's scaled-dot-product attention is used" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot load the teacher")
 
 
 def test_non_epsilon_teacher_is_refused(tiny_teacher, tiny_shards, tmp_path):
