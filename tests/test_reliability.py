@@ -1,5 +1,6 @@
 """A run that survives kills, dirty data, wrong command lines and numerical faults."""
 
+import concurrent.futures
 import fcntl
 import glob
 import io
@@ -293,37 +294,57 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_arguments_fail_fast_with_one_line(case, tiny_teacher, tiny_shards, tmp_path):
-    flags, expected = CASES[case]
+def bad_argument_command(case, tiny_teacher, tiny_shards, case_dir):
+    """The argv and environment of one of CASES, with its folders made in ``case_dir``."""
+    flags, _ = CASES[case]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     arguments = {"--pretrained_teacher_model": tiny_teacher, "--train_shards_path_or_url": tiny_shards,
-                 "--output_dir": str(tmp_path / "out"), "--max_train_steps": "2"}
+                 "--output_dir": str(case_dir / "out"), "--max_train_steps": "2"}
     for flag in flags:
         if flag.startswith("HIDE="):
-            env = dict(hidden_packages_env(tmp_path, flag[5:]), HF_HUB_OFFLINE="1")
+            env = dict(hidden_packages_env(case_dir, flag[5:]), HF_HUB_OFFLINE="1")
             continue
         if flag.startswith("MKDIR="):
-            os.makedirs(flag[6:].format(tmp=tmp_path))
+            os.makedirs(flag[6:].format(tmp=case_dir))
             continue
         if flag.startswith("ENV="):
             name, _, value = flag[4:].partition("=")
             env[name] = value
             continue
         if "{v_teacher}" in flag:
-            flag = flag.format(v_teacher=v_prediction_teacher(tiny_teacher, tmp_path))
-        name, _, value = flag.format(tmp=tmp_path).partition("=")
+            flag = flag.format(v_teacher=v_prediction_teacher(tiny_teacher, case_dir))
+        name, _, value = flag.format(tmp=case_dir).partition("=")
         arguments[name] = value if value else None
-    argv = [f"{name}={value}" if value is not None else name for name, value in arguments.items()]
-    started = time.time()
-    result = run_script("train_splam_distill_sd_wds.py", *argv, env=env, timeout=300)
+    return [f"{name}={value}" if value is not None else name for name, value in arguments.items()], env
+
+
+@pytest.fixture(scope="module")
+def bad_argument_runs(tiny_teacher, tiny_shards, tmp_path_factory):
+    """Every case of CASES run by the training script, two at a time (each is mostly one
+    process's imports, on one core): ``{case: (result, seconds, case folder)}``."""
+
+    def run(case):
+        case_dir = tmp_path_factory.mktemp("case")
+        argv, env = bad_argument_command(case, tiny_teacher, tiny_shards, case_dir)
+        started = time.time()
+        result = run_script("train_splam_distill_sd_wds.py", *argv, env=env, timeout=300)
+        return case, (result, time.time() - started, case_dir)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, sorted(CASES)))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_arguments_fail_fast_with_one_line(case, bad_argument_runs):
+    result, seconds, case_dir = bad_argument_runs[case]
+    _, expected = CASES[case]
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert "error:" in last_line and expected in last_line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert "Loading weights" not in result.stderr, "failed only after loading weights"
-    assert not os.path.exists(tmp_path / "out" / "checkpoint-2")
-    assert time.time() - started < 120
+    assert not os.path.exists(case_dir / "out" / "checkpoint-2")
+    assert seconds < 120
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_teacher, tiny_shards, tmp_path):
