@@ -395,8 +395,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if unusable_shards >= min(max(8, 2 * len(pool)), 64):
                     if len(pool) < len(self.urls):
                         logger.warning(f"no {self.samples.usable} in {unusable_shards} draws from this loader's "
-                                      f"{len(pool)} of {len(self.urls)} shards: it draws from all of them this "
-                                      "segment, so some samples may be read by more than one loader")
+                                       f"{len(pool)} of {len(self.urls)} shards: it draws from all of them this "
+                                       "segment, so some samples may be read by more than one loader")
                         pool, unusable_shards = self.urls, 0
                         continue
                     raise DataError(
