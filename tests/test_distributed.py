@@ -75,17 +75,22 @@ def torchrun(teacher, shards, output_dir, *flags, env=None, check=True):
 
 
 SLOW_MAIN_PROCESS = """
-import sys, time
+import os, sys, time
 import torch
 sys.path.insert(0, {repo_root!r})
 from splam.args import parse_args
 from train_splam_distill_sd_wds import make_accelerator
 
+# Both processes past their imports, whose time varies by seconds on a loaded machine, before the
+# process group starts: its set-up waits no longer than the timeout either.
+open(os.path.join({ready_dir!r}, os.environ["RANK"]), "w").close()
+while len(os.listdir({ready_dir!r})) < 2:
+    time.sleep(0.05)
 accelerator = make_accelerator(parse_args(sys.argv[1:]))
 gloo = torch.distributed.group.WORLD._get_backend(torch.device("cpu"))
 print("timeout", gloo.options._timeout, flush=True)
 if accelerator.is_main_process:
-    time.sleep(5)  # as it does writing a checkpoint alone
+    time.sleep(10)  # as it does writing a checkpoint alone
 accelerator.wait_for_everyone()
 print("all arrived", flush=True)
 """
@@ -93,18 +98,20 @@ print("all arrived", flush=True)
 
 def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp_path):
     """The training script's accelerator on 2 processes: the others wait at a collective for a main
-    process 5 s late; with --nccl_timeout=1 they give up, with 600 (accelerate's own default for
+    process 10 s late; with --nccl_timeout=3 they give up, with 600 (accelerate's own default for
     NCCL, which its InitProcessGroupKwargs would leave out, and gloo's then 1800) they wait."""
     program = tmp_path / "slow_main_process.py"
-    program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT))
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
 
     def launch(seconds):
+        ready_dir = tmp_path / f"ready-{seconds}"
+        ready_dir.mkdir()
+        program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT, ready_dir=str(ready_dir)))
         return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
                           "--train_shards_path_or_url=unused", "--max_train_steps=1", f"--nccl_timeout={seconds}", env=env)
 
-    impatient = launch(1)
-    assert impatient.returncode != 0 and "Timed out waiting 1000ms" in impatient.stderr
+    impatient = launch(3)
+    assert impatient.returncode != 0 and "Timed out waiting 3000ms" in impatient.stderr, impatient.stderr[-3000:]
     patient = launch(600)
     assert patient.returncode == 0 and patient.stdout.count("all arrived") == 2, patient.stderr[-3000:]
     assert patient.stdout.count("timeout 0:10:00") == 2
