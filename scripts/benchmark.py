@@ -245,15 +245,20 @@ def profile_table(step, num_steps: int, device) -> str:
 
 def logged_run(logging_dir: str, warmup: int):
     """From the run's tensorboard log: the intervals between the wall times of consecutive steps,
-    without the first ``warmup`` ones, the last logged peak GPU memory (GiB; None off CUDA) and
-    the wall time of the first step."""
+    without the first ``warmup`` ones, the last logged peak GPU memory (GiB; None off CUDA), the
+    wall time of the first step and the loss and gradient norm of each step (the norm None where
+    the step logged none)."""
     (path,) = glob.glob(os.path.join(logging_dir, "*", "events.out.tfevents.*"))
     accumulator = EventAccumulator(path)
     accumulator.Reload()
-    wall_times = [event.wall_time for event in sorted(accumulator.Scalars("loss"), key=lambda event: event.step)]
+    scalars = accumulator.Tags()["scalars"]
+    losses = sorted(accumulator.Scalars("loss"), key=lambda event: event.step)
+    wall_times = [event.wall_time for event in losses]
     intervals = [later - earlier for earlier, later in zip(wall_times, wall_times[1:])]
-    memory = accumulator.Scalars("memory/peak_gib") if "memory/peak_gib" in accumulator.Tags()["scalars"] else []
-    return intervals[warmup:], max((event.value for event in memory), default=None), wall_times[0]
+    memory = accumulator.Scalars("memory/peak_gib") if "memory/peak_gib" in scalars else []
+    grad_norms = {event.step: event.value for event in accumulator.Scalars("grad_norm")} if "grad_norm" in scalars else {}
+    steps = [{"step": event.step, "loss": event.value, "grad_norm": grad_norms.get(event.step)} for event in losses]
+    return intervals[warmup:], max((event.value for event in memory), default=None), wall_times[0], steps
 
 
 def measure_training(options, extra, teacher_dir, work_dir):
@@ -264,7 +269,9 @@ def measure_training(options, extra, teacher_dir, work_dir):
     training's own, without the export. The time until the first step is done counts from the
     call of the script (after the shards, and latents, are written) to the logging of the first
     loss: loading the nets, starting the loader, the first batch, the first step and, with
-    ``--torch_compile``, compiling the nets."""
+    ``--torch_compile``, compiling the nets. The run is seeded, so that runs of the same math
+    (``readme-adamw`` and ``readme-adamw-fast``) log the same losses and gradient norms up to
+    rounding: a compiled net that computed other gradients would show there."""
     num_shards = 8
     write_shards(os.path.join(work_dir, "shards"), num_shards, samples_per_shard=32, resolution=options.resolution)
     data_url = os.path.join(work_dir, "shards", f"{{00000..{num_shards - 1:05d}}}.tar")
@@ -281,14 +288,14 @@ def measure_training(options, extra, teacher_dir, work_dir):
         teacher_dir, options, data_url,
         f"--output_dir={output_dir}", f"--max_train_steps={1 + options.warmup + options.steps}",
         f"--dataloader_num_workers={README_LOADER_WORKERS}", "--report_to=tensorboard",
-        f"--checkpointing_steps={never}", f"--validation_steps={never}", *extra,
+        f"--checkpointing_steps={never}", f"--validation_steps={never}", "--seed=0", *extra,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.time()  # the clock of tensorboard's wall times
     train_splam_distill_sd_wds.main(args)
-    times, peak_gpu_memory, first_step = logged_run(os.path.join(output_dir, args.logging_dir), options.warmup)
-    return times, peak_gpu_memory, first_step - started
+    times, peak_gpu_memory, first_step, steps = logged_run(os.path.join(output_dir, args.logging_dir), options.warmup)
+    return times, peak_gpu_memory, first_step - started, steps
 
 
 def main():
@@ -316,14 +323,15 @@ def main():
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    flops_per_step = operators = seconds_to_first_step_done = None
+    flops_per_step = operators = seconds_to_first_step_done = steps = None
     if options.data == "synthetic":
         times, flops_per_step, operators = measure_step(options, extra, teacher_dir)
         peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
         try:
-            times, peak_gpu_memory, seconds_to_first_step_done = measure_training(options, extra, teacher_dir, work_dir)
+            times, peak_gpu_memory, seconds_to_first_step_done, steps = measure_training(
+                options, extra, teacher_dir, work_dir)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -352,6 +360,7 @@ def main():
         figures["operators_per_step"] = operators
     if seconds_to_first_step_done is not None:
         figures["seconds_to_first_step_done"] = seconds_to_first_step_done
+        figures["steps"] = steps
     memory = figures.get("peak_memory_gib", figures.get("peak_rss_gib"))
     print(f"{device}, torch {torch.__version__}, {options.preset} preset, {options.mode} mode, {options.data} data, "
           f"batch {options.batch_size} at {options.resolution} px, {options.mixed_precision}")
@@ -360,6 +369,8 @@ def main():
     print(f"peak memory: {memory:.2f} GiB ({'GPU allocated' if cuda else 'process RSS'})")
     if seconds_to_first_step_done is not None:
         print(f"first step done after {seconds_to_first_step_done:.1f} s (loading, loader start, any compilation)")
+        print("loss, gradient norm of the first steps: " + ", ".join(
+            f"{step['loss']:.6g}, {step['grad_norm']}" for step in steps[:4]))
     if flops_per_step:
         print(f"FLOPs: {flops_per_step / 1e12:.3f} TFLOP per step, achieved {figures['achieved_tflops']:.3f} TFLOP/s"
               + (f", {figures['fraction_of_floor']:.1%} of the floor" if "fraction_of_floor" in figures else ""))

@@ -26,8 +26,10 @@ each row, so a run cut short keeps what it finished) and ``table.md``; the table
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = os.path.join(SCRIPTS, "benchmark.py")
@@ -38,6 +40,8 @@ from make_tiny_teacher import cached_teacher  # noqa: E402
 # (bitsandbytes was absent): 0.525 s/step at batch 12, 512 px, fp16, on an H100 80GB HBM3 (torch
 # 2.11, CUDA 13.0; see the throughput issue).
 AUTHORS_SAMPLES_PER_S = {"NVIDIA H100 80GB HBM3": 12 / 0.525}
+# Under --total_timeout, a row is not started with less time left than this (loading alone takes longer).
+MIN_ROW_SECONDS = 30
 
 
 def rows(options):
@@ -59,6 +63,21 @@ def rows(options):
         "readme-step": row("readme", "--profile_steps", "3"),
         "fast-step": row("fast", "--profile_steps", "3"),
     }
+
+
+def run_row(command, log, timeout):
+    """The row's exit status, or "timeout". The row runs in a process group of its own, so that a
+    timeout also ends its loader workers and compiler processes, which would otherwise go on
+    taking the CPUs (and the GPU's memory) from the next row."""
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    finally:
+        if process.poll() is None:  # timed out, or this script was interrupted: its own group gets no Ctrl-C
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def table_row(figures) -> str:
@@ -95,6 +114,10 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
     parser.add_argument("--teacher_dir", default=None, help="Shared by the rows (default: a folder in the temp dir).")
     parser.add_argument("--timeout", type=float, default=None, help="Seconds allowed per row.")
+    parser.add_argument("--total_timeout", type=float, default=None,
+                        help="Seconds allowed for all rows, the teacher's build included: each row gets at most "
+                             f"what is left, and none starts with under {MIN_ROW_SECONDS} s left (for a machine "
+                             "lent for a fixed time).")
     options, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
     available = rows(options)
@@ -102,6 +125,7 @@ def main():
     unknown = sorted(set(names) - set(available))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(available)}")
+    deadline = time.monotonic() + options.total_timeout if options.total_timeout else None
     os.makedirs(options.out_dir, exist_ok=True)
     # Built before the rows, so that no row's timeout cuts the build short.
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
@@ -112,12 +136,16 @@ def main():
             out = os.path.join(options.out_dir, f"{name}.json")
             flags = [*available[name], *peak, *(["--", *extra] if extra else [])]
             command = [sys.executable, BENCHMARK, "--teacher_dir", teacher_dir, "--out", out, *flags]
+            timeout = options.timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left < MIN_ROW_SECONDS:
+                    failed.append(f"{name} (no time left)")
+                    continue
+                timeout = min(timeout or left, left)
             print(f"== {name}: {' '.join(command[1:])}", file=log, flush=True)
             print(f"== {name}", flush=True)
-            try:
-                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=options.timeout).returncode
-            except subprocess.TimeoutExpired:
-                returncode = "timeout"
+            returncode = run_row(command, log, timeout)
             if returncode != 0:
                 failed.append(f"{name} ({returncode})")
                 continue

@@ -2,6 +2,8 @@
 
 import contextlib
 import json
+import math
+import sys
 import time
 import types
 
@@ -69,6 +71,9 @@ def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_pa
     # own run (how long depends on the compilation and its cache: minutes when cold)
     assert 0 < figures["seconds_to_first_step_done"] < benchmark_seconds and "first step done after" in result.stdout
     assert 0 < figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
+    # every step's loss from the log, for comparing runs of the same math
+    assert [step["step"] for step in figures["steps"]] == list(range(1, 7))
+    assert all(math.isfinite(step["loss"]) for step in figures["steps"])
 
 
 def test_the_fast_mode_of_the_authors_math_changes_only_options_that_keep_it():
@@ -231,6 +236,30 @@ def test_the_figures_script_runs_its_rows_and_prints_the_table(tiny_teacher, tmp
     failing = run_script("scripts/throughput_figures.py", "--out_dir", str(out_dir), "--preset", "tiny",
                          "--teacher_dir", tiny_teacher, "--rows", "readme-step", "--", "--no_such_flag")
     assert failing.returncode != 0 and "rows that did not finish: readme-step (2)" in failing.stderr
+    # --total_timeout counts from the start: with 1 s in all, no row is started
+    out_of_time = run_script("scripts/throughput_figures.py", "--out_dir", str(out_dir), "--preset", "tiny",
+                             "--teacher_dir", tiny_teacher, "--rows", "readme-step", "--total_timeout", "1")
+    assert out_of_time.returncode != 0 and "readme-step (no time left)" in out_of_time.stderr
+    assert "== readme-step:" not in (out_dir / "benchmark.log").read_text().split("--no_such_flag")[-1]
+
+
+def test_a_row_that_times_out_is_ended_with_the_processes_it_started(tmp_path):
+    """A row's loader workers and compiler processes must not outlive its timeout and slow the next row."""
+    from throughput_figures import run_row
+
+    row = ("import subprocess, sys, time; "
+           "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+           "print(worker.pid, flush=True); time.sleep(120)")
+    with open(tmp_path / "row.log", "w") as log:
+        assert run_row([sys.executable, "-c", row], log, timeout=5) == "timeout"
+    worker_pid = int((tmp_path / "row.log").read_text())
+    time.sleep(0.5)
+    try:
+        with open(f"/proc/{worker_pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"the row's worker is still running (state {state})"
 
 
 def test_only_rows_timed_like_the_authors_script_are_compared_with_it():
