@@ -78,6 +78,9 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
     if args.cast_teacher_unet:
+        if weight_dtype == torch.float32:
+            logger.warning("--cast_teacher_unet: the step computes in float32 here (no fp16 or bf16 autocast), "
+                           "so the teacher stays in float32")
         teacher_unet.to(accelerator.device, dtype=weight_dtype)
     else:
         store_autocast_weights(teacher_unet, weight_dtype).to(accelerator.device)

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import math
 import sys
 import time
@@ -153,6 +154,14 @@ def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, flag, s
     # nn.Module.compile() compiles in place by setting this; the module stays the same object.
     assert {name for name, net in nets.items() if net._compiled_call_impl is not None} == compiled
     assert all(not key.startswith("_orig_mod") for net in nets.values() for key in net.state_dict())
+
+
+def test_cast_teacher_unet_says_when_there_is_no_half_dtype_to_cast_to(tiny_teacher, caplog):
+    args = teacher_args(tiny_teacher, "--cast_teacher_unet")
+    with caplog.at_level(logging.WARNING, logger="splam.training"):
+        models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    assert models.teacher_unet.dtype == torch.float32
+    assert "--cast_teacher_unet: the step computes in float32 here" in caplog.text
 
 
 def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(tiny_teacher):
