@@ -341,6 +341,7 @@ def main():
         "preset": options.preset, "mode": options.mode, "data": options.data, "batch_size": options.batch_size,
         "resolution": options.resolution, "mixed_precision": options.mixed_precision, "flags": sys.argv[1:],
         "s_per_step": {"median": median, "min": min(times), "max": max(times)}, "timed_steps": len(times),
+        "step_seconds": times,
         "samples_per_s": options.batch_size / median,
         "optimizer": optimizer_name(training_args(teacher_dir, options, "unused", "--max_train_steps=1", *extra)),
         "device": device,

@@ -66,7 +66,7 @@ def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_pa
     assert "Optimizer steps = 6" in result.stderr and "Saved the distilled pipeline" in result.stderr
     assert ("Train with --train_latents_path_or_url" in result.stdout) == mode.startswith("fast")
     figures = json.load(open(out))
-    assert figures["data"] == "shards" and figures["timed_steps"] == 3
+    assert figures["data"] == "shards" and figures["timed_steps"] == len(figures["step_seconds"]) == 3
     assert figures["optimizer"] == ("AdamW8bit" if mode == "readme" else "AdamW")
     # seconds from the training script's call to its first logged step, within the benchmark's
     # own run (how long depends on the compilation and its cache: minutes when cold)
