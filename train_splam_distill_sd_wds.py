@@ -33,7 +33,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from splam import update_ema
-from splam.args import SetupError, parse_args, public_config, redact_secrets
+from splam.args import SetupError, known_tokens, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
     CheckpointError,
     ema_checksums,
@@ -220,7 +220,8 @@ def main(args):
                    "gradient_accumulation_steps": args.gradient_accumulation_steps,
                    "num_processes": accelerator.num_processes, "dataloader_num_workers": args.dataloader_num_workers,
                    "shuffle_buffer_size": args.shuffle_buffer_size, "seed": args.seed,
-                   "shards": args.train_latents_path_or_url or args.train_shards_path_or_url}
+                   "shards": redact_tokens(args.train_latents_path_or_url or args.train_shards_path_or_url,
+                                           known_tokens([args.hub_token]))}
     global_step, first_segment, samples_seen, data_stats = 0, 0, 0, DataStats()
     if resume_state is not None:
         logger.info(f"Resuming from {resume_path}")

@@ -28,6 +28,9 @@ def main():
     parser.add_argument("--student", required=True, help="The folded student pipeline (scripts/fold_gamma.py).")
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank; layers of lower full rank keep theirs.")
     parser.add_argument("--out", required=True, help="Where to write the LoRA.")
+    parser.add_argument("--no_bias", action="store_true",
+                        help="Leave the bias deltas out: a less exact LoRA that pipe.fuse_lora() can merge (with them, "
+                             "fuse_lora fails on the attention layers, which have no bias).")
     parser.add_argument("--report_error", action="store_true",
                         help="Also sample 2 steps with the teacher + LoRA and with the student, same seed, and print "
                              "the mean absolute difference of the latents relative to the student's.")
@@ -36,7 +39,7 @@ def main():
         parser.error(f"--rank must be at least 1, got {args.rank}")
     teacher = UNet2DConditionModel.from_pretrained(args.teacher, subfolder="unet")
     student = UNet2DConditionModel.from_pretrained(args.student, subfolder="unet")
-    lora = extract_lora(teacher, student, args.rank)
+    lora = extract_lora(teacher, student, args.rank, bias=not args.no_bias)
     StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=lora, safe_serialization=True)
     layers = sum(key.endswith("lora_A.weight") for key in lora)
     print(f"Wrote a rank-{args.rank} LoRA of {layers} layers to {args.out}")

@@ -5,6 +5,8 @@ that the seed README's command runs unchanged.
 """
 
 import argparse
+import os
+import re
 
 from accelerate.utils import LoggerType
 from diffusers.optimization import SchedulerType
@@ -29,6 +31,11 @@ TRACKERS = (*(tracker.value for tracker in LoggerType), "none")
 
 # Keys that must never reach a tracker, a log line or a written file.
 SECRET_ARGS = ("hub_token",)
+# Tokens that can also sit inside other flags' values, e.g. the shard command of a gated Hub
+# dataset, ``pipe:curl ... -H 'Authorization:Bearer hf_...'``: Hugging Face access tokens, and
+# the value of any Authorization header.
+TOKEN_PATTERNS = (re.compile(r"hf_[A-Za-z0-9]{16,}"), re.compile(r"(?<=Authorization:)(\s*(?:Bearer\s+)?)[^\s'\"]+", re.I))
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,9 +217,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def known_tokens(extra=()) -> list:
+    """The Hub tokens this process could use: ``extra`` (``--hub_token``), the environment's, the cached login's."""
+    tokens = [*extra, *(os.environ.get(name) for name in TOKEN_ENV_VARS)]
+    try:
+        from huggingface_hub import get_token
+
+        tokens.append(get_token())
+    except Exception:  # no login cached, or an unreadable token file
+        pass
+    return [token for token in tokens if token and len(token) >= 8]
+
+
+def redact_tokens(text: str, tokens=()) -> str:
+    """``text`` with ``tokens``, Hugging Face access tokens and Authorization header values replaced by ``***``."""
+    for token in tokens:
+        text = text.replace(token, "***")
+    text = TOKEN_PATTERNS[0].sub("***", text)
+    return TOKEN_PATTERNS[1].sub(lambda match: f"{match.group(1)}***", text)
+
+
 def redact_secrets(argv: list) -> list:
-    """``argv`` with the values of secret flags replaced, for whatever records the command line
-    (wandb stores it with every run)."""
+    """``argv`` with the values of secret flags replaced, and tokens inside other values too, for
+    whatever records the command line (wandb stores it with every run)."""
     redacted, hide_next = [], False
     for argument in argv:
         flag = argument.split("=", 1)[0]
@@ -224,13 +251,18 @@ def redact_secrets(argv: list) -> list:
             else:
                 hide_next = True
         redacted.append(argument)
-    return redacted
+    tokens = known_tokens()
+    return [redact_tokens(argument, tokens) for argument in redacted]
 
 
 def public_config(args: argparse.Namespace) -> dict:
-    """The flags as a tracker config: secrets removed, lists joined so every tracker takes them."""
-    return {
-        key: "; ".join(value) if isinstance(value, list) else value
-        for key, value in vars(args).items()
-        if key not in SECRET_ARGS
-    }
+    """The flags as a tracker config (and the model card's table): secrets removed, tokens inside
+    other values (a gated dataset's shard command) masked, lists joined so every tracker takes them."""
+    tokens = known_tokens([getattr(args, name, None) for name in SECRET_ARGS])
+    config = {}
+    for key, value in vars(args).items():
+        if key in SECRET_ARGS:
+            continue
+        value = "; ".join(value) if isinstance(value, list) else value
+        config[key] = redact_tokens(value, tokens) if isinstance(value, str) else value
+    return config

@@ -21,10 +21,14 @@ def low_rank_factors(delta: torch.Tensor, rank: int):
 
 
 @torch.no_grad()
-def extract_lora(teacher_unet, student_unet, rank: int) -> dict:
+def extract_lora(teacher_unet, student_unet, rank: int, bias: bool = True) -> dict:
     """The LoRA state dict (keys ``<module>.lora_A.weight``, ``<module>.lora_B.weight``,
     ``<module>.lora_B.bias``) that takes ``teacher_unet`` towards ``student_unet``, which must
-    have the teacher's architecture (fold its gamma conditioning first)."""
+    have the teacher's architecture (fold its gamma conditioning first).
+
+    With ``bias=False`` the bias deltas are left out (no ``lora_B.bias`` keys): a less exact LoRA,
+    but one that ``fuse_lora`` can merge. With them, PEFT gives every layer a LoRA bias, and
+    layers without a bias of their own (the attention projections) cannot be merged."""
     if student_unet.config.time_cond_proj_dim != teacher_unet.config.time_cond_proj_dim:
         raise ValueError("the student's architecture differs from the teacher's: fold it first (scripts/fold_gamma.py)")
     teacher_modules = dict(teacher_unet.named_modules())
@@ -35,6 +39,8 @@ def extract_lora(teacher_unet, student_unet, rank: int) -> dict:
         base = teacher_modules[name]
         delta = module.weight - base.weight
         bias_delta = None if module.bias is None else module.bias - base.bias
+        if not bias:
+            bias_delta = None
         if not delta.any() and (bias_delta is None or not bias_delta.any()):
             continue
         A, B = low_rank_factors(delta.reshape(delta.shape[0], -1), rank)
@@ -43,5 +49,6 @@ def extract_lora(teacher_unet, student_unet, rank: int) -> dict:
             B = B[:, :, None, None]
         lora[f"{name}.lora_A.weight"] = A.contiguous()
         lora[f"{name}.lora_B.weight"] = B.contiguous()
-        lora[f"{name}.lora_B.bias"] = torch.zeros(delta.shape[0]) if bias_delta is None else bias_delta.float()
+        if bias:
+            lora[f"{name}.lora_B.bias"] = torch.zeros(delta.shape[0]) if bias_delta is None else bias_delta.float()
     return lora

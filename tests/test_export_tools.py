@@ -74,3 +74,21 @@ def test_the_sampling_cli_writes_a_grid(trained_student, tmp_path):
     result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--height", "32",
                         "--width", "48", "--out", out)
     assert result.returncode == 0 and Image.open(out).size == (48, 32)
+
+
+def test_a_lora_without_bias_deltas_fuses_into_the_teacher(tiny_teacher, folded_student, tmp_path):
+    """With bias deltas every layer gets a PEFT lora_bias, and fuse_lora fails midway on the attention
+    projections (no bias), leaving the layers before them merged. --no_bias gives a LoRA that fuses."""
+    lora_dir = str(tmp_path / "lora")
+    result = run_script("scripts/extract_lora.py", "--teacher", tiny_teacher, "--student", folded_student,
+                        "--rank", "4096", "--no_bias", "--out", lora_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    assert not [key for key in load_file(f"{lora_dir}/pytorch_lora_weights.safetensors") if key.endswith(".bias")]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_teacher)
+    pipe.scheduler = LCMScheduler.from_pretrained(folded_student, subfolder="scheduler")
+    pipe.load_lora_weights(lora_dir)
+    unfused = two_step_latents(pipe)
+    pipe.fuse_lora()
+    torch.testing.assert_close(two_step_latents(pipe), unfused, rtol=1e-4, atol=1e-4)

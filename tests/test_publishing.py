@@ -170,3 +170,21 @@ def test_the_licence_of_a_hub_teacher_comes_from_the_cache_its_weights_came_from
     teacher = argparse.Namespace(pretrained_teacher_model="someone/tiny-sd", teacher_revision=None, cache_dir=str(tmp_path))
     assert teacher_license(teacher) == "mit"
     assert teacher_license(argparse.Namespace(**{**vars(teacher), "teacher_revision": "v2"})) == "apache-2.0"
+
+
+def test_a_token_inside_the_shard_command_reaches_neither_the_card_nor_the_trackers(monkeypatch):
+    """Gated webdatasets on the Hub stream with ``pipe:curl ... -H 'Authorization:Bearer hf_...'``: the
+    token in the shard flag must not be published in the model card, the tracker config or argv."""
+    from splam.args import public_config, redact_secrets
+
+    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
+    other = "hf_AnotherTokenTypedIntoTheCommand0123"
+    shards = ("pipe:curl -s -L https://huggingface.co/datasets/someone/gated/resolve/main/{00000..00009}.tar "
+              f"-H 'Authorization:Bearer {ENV_TOKEN}' -H \"X-Other: {other}\"")
+    argv = ["--pretrained_teacher_model=t", f"--train_shards_path_or_url={shards}", "--max_train_steps=1",
+            "--output_dir=o"]
+    args = parse_args(argv)
+    texts = [str(public_config(args)), model_card(args, 1, 2, "samples.png"), " ".join(redact_secrets(argv))]
+    for text in texts:
+        assert ENV_TOKEN not in text and other not in text
+    assert "resolve/main/{00000..00009}.tar" in texts[1]  # the rest of the flag is still recorded
