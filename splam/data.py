@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from accelerate.utils import gather_object
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .args import SetupError
+from .args import SetupError, redact_tokens
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
@@ -94,6 +94,9 @@ def train_shard_urls(args) -> list:
     local = [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
     if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
         raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all)")
+    missing = [path for path in local if not os.path.exists(path)]
+    if missing:
+        logger.warning(f"{flag}: {len(missing)} of {len(urls)} shards do not exist and will be skipped (first: {missing[0]})")
     return urls
 
 
@@ -112,7 +115,9 @@ def training_samples(args, tokenizer, text_encoder, vae):
 def to_rgb(image: Image.Image, stats: DataStats) -> Image.Image:
     """Any PIL mode as 8-bit RGB: 16- and 32-bit greyscale rescaled to 8 bits, transparency
     composited over white, palette, CMYK and the rest converted by PIL."""
-    if image.mode == "RGB":
+    # An RGB or L image can still have a transparent colour (a PNG tRNS chunk).
+    transparent = "transparency" in image.info
+    if image.mode == "RGB" and not transparent:
         return image
     stats["image_mode_converted"] += 1
     if image.mode in HIGH_DEPTH_MODES:
@@ -120,7 +125,7 @@ def to_rgb(image: Image.Image, stats: DataStats) -> Image.Image:
         if image.mode != "F":
             array = array / 257.0
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("P", "L", "RGB") and transparent):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -143,14 +148,17 @@ class ImageTransform:
             stats["image_upscaled"] += 1
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
         if self.center_crop:
-            left = (image.width - self.resolution) // 2
-            top = (image.height - self.resolution) // 2
+            left = (size[0] - self.resolution) // 2
+            top = (size[1] - self.resolution) // 2
         else:
-            left = rng.randint(0, image.width - self.resolution)
-            top = rng.randint(0, image.height - self.resolution)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            left = rng.randint(0, size[0] - self.resolution)
+            top = rng.randint(0, size[1] - self.resolution)
+        # Only the crop is resized (its box in the original's pixels): resizing the whole image first
+        # would make a thin one (1 x 100000 pixels, a few hundred bytes) gigapixels large.
+        x_scale, y_scale = image.width / size[0], image.height / size[1]
+        box = (left * x_scale, top * y_scale, (left + self.resolution) * x_scale, (top + self.resolution) * y_scale)
+        image = image.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -188,6 +196,17 @@ def captioned_images(raw_samples, stats: DataStats, on_sample=None):
         yield image_bytes, caption
 
 
+def upright(image: Image.Image) -> None:
+    """Turn ``image`` in place as a viewer shows it: phone photos store their rotation in EXIF. An
+    EXIF block that cannot be parsed (PIL warns, or raises ``struct.error`` and the like) leaves it as stored."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # noqa: BLE001 - orientation is best effort; the pixels are fine
+        pass
+
+
 def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Random, stats: DataStats) -> torch.Tensor:
     """The transformed image, or ``None`` when it cannot be used (counted). Images over PIL's
     decompression-bomb limit (about 89 megapixels) are skipped; large JPEGs are decoded at a
@@ -198,6 +217,7 @@ def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Rand
             with Image.open(io.BytesIO(image_bytes)) as image:
                 image.draft("RGB", (transform.resolution, transform.resolution))
                 image.load()
+                upright(image)
                 return transform(image, rng, stats)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         stats["image_too_large"] += 1
@@ -206,25 +226,33 @@ def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Rand
     return None
 
 
-def decoded_samples(encoded, decode, stats: DataStats, what: str):
+def decoded_samples(encoded, decode, stats: DataStats, what: str, max_in_a_row=MAX_UNDECODABLE_IN_A_ROW,
+                    shards_enough=None):
     """``(decode(data), rest)`` for each ``(data, rest)`` whose data decodes (``decode`` returns
-    ``None`` for one that does not, counted by it); stops with ``DataError`` after
-    ``MAX_UNDECODABLE_IN_A_ROW`` failures in a row (``what`` names the data in the message)."""
-    failures_in_a_row = 0
+    ``None`` for one that does not, counted by it); stops with ``DataError`` when none has decoded
+    after ``max_in_a_row`` failures in a row and ``shards_enough()`` says the stream has drawn enough
+    shards to tell (one shard of undecodable images among good ones is not unusable data).
+    ``what`` names the data in the message; ``max_in_a_row=None`` never stops, for a finite stream
+    such as one shard's."""
+    failures_in_a_row, decoded_any = 0, False
     for data, rest in encoded:
         decoded = decode(data)
         if decoded is None:
             failures_in_a_row += 1
-            if failures_in_a_row >= MAX_UNDECODABLE_IN_A_ROW:
-                raise DataError(f"{failures_in_a_row} {what} in a row could not be used ({stats.summary()})")
+            if (max_in_a_row is not None and failures_in_a_row >= max_in_a_row and not decoded_any
+                    and (shards_enough is None or shards_enough())):
+                raise DataError(f"{failures_in_a_row} {what} in a row could not be used, none before "
+                                f"({stats.summary()})")
             continue
-        failures_in_a_row = 0
+        failures_in_a_row, decoded_any = 0, True
         yield decoded, rest
 
 
-def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats):
+def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats,
+                   max_in_a_row=MAX_UNDECODABLE_IN_A_ROW, shards_enough=None):
     """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes."""
-    return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), stats, "images")
+    return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), stats, "images",
+                           max_in_a_row, shards_enough)
 
 
 def tar_samples(urls, stats: DataStats):
@@ -232,8 +260,17 @@ def tar_samples(urls, stats: DataStats):
     that cannot be opened or read to the end is counted as ``bad_shard``; reading goes on
     with the next one."""
 
+    reported = set()
+
     def count_bad_shard(error):
         stats["bad_shard"] += 1
+        # webdataset appends the shard's URL to the error's arguments; each is named once per stream.
+        url = error.args[-1] if error.args and isinstance(error.args[-1], str) else None
+        if url is None or url not in reported:
+            reported.add(url)
+            # The URL may be a gated dataset's curl command with its token.
+            logger.warning("skipped an unreadable shard (or its rest), counted as bad_shard: "
+                           + redact_tokens(f"{type(error).__name__}: {error}"))
         return True
 
     return wds.tarfile_samples(({"url": url} for url in urls), handler=count_bad_shard)
@@ -292,8 +329,8 @@ class ImageTextSamples:
         """Cheap checks, before the shuffle buffer: ``(image bytes, caption)`` pairs."""
         return captioned_images(raw_samples, stats, on_sample)
 
-    def decode(self, selected, rng: random.Random, stats: DataStats):
-        return decoded_images(selected, self.transform, rng, stats)
+    def decode(self, selected, rng: random.Random, stats: DataStats, shards_enough=None):
+        return decoded_images(selected, self.transform, rng, stats, shards_enough=shards_enough)
 
     def collate(self, batch, stats: DataStats):
         pixels = torch.stack([pixels for pixels, _ in batch])
@@ -320,8 +357,9 @@ class LatentSamples:
             on_sample()
             yield (sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]), None
 
-    def decode(self, selected, rng: random.Random, stats: DataStats):
-        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples")
+    def decode(self, selected, rng: random.Random, stats: DataStats, shards_enough=None):
+        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples",
+                               shards_enough=shards_enough)
 
     def collate(self, batch, stats: DataStats):
         return tuple(torch.stack(arrays) for arrays in zip(*(arrays for arrays, _ in batch)))
@@ -343,6 +381,17 @@ class LatentSamples:
                 )
             arrays.append(torch.from_numpy(array).float())
         return tuple(arrays)
+
+
+def unusable_run_limit(pool_size: int, usable_seen: bool) -> int:
+    """How many shards drawn in a row may yield no usable sample before a reader gives up on its
+    pool of ``pool_size`` shards. Before any usable sample a short run says that the data is
+    unusable: ``min(max(8, 2 n), 64)``. After one, some shard of the pool is good, and shards are
+    drawn with replacement, so a run of bad draws among good ones is only chance; only a run
+    that chance gives with probability under e^-20 (``20 n`` draws that all miss the one good
+    shard of ``n``) says that the shards have become unreadable (a network outage, say), and
+    stops the stream with an error rather than leaving it spinning."""
+    return 20 * pool_size if usable_seen else min(max(8, 2 * pool_size), 64)
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -385,14 +434,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, num_batches, urls = self.worker_shards()
         rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
         stats = DataStats()
-        unusable_shards = 0
+        unusable_shards, usable_seen, draws = 0, False, 0
 
         def drawn_shards():
-            nonlocal unusable_shards
+            nonlocal unusable_shards, draws
             pool = urls
             while True:
-                # A run of this many shards in a row without one usable sample means the data is unusable.
-                if unusable_shards >= min(max(8, 2 * len(pool)), 64):
+                if unusable_shards >= unusable_run_limit(len(pool), usable_seen):
                     if len(pool) < len(self.urls):
                         logger.warning(f"no {self.samples.usable} in {unusable_shards} draws from this loader's "
                                        f"{len(pool)} of {len(self.urls)} shards: it draws from all of them this "
@@ -404,17 +452,18 @@ class ShardStream(torch.utils.data.IterableDataset):
                         f"(skipped so far: {stats.summary() or 'nothing'}); check {self.samples.flag}"
                     )
                 unusable_shards += 1
+                draws += 1
                 yield rng.choice(pool)
 
         def reset_unusable():
-            nonlocal unusable_shards
-            unusable_shards = 0
+            nonlocal unusable_shards, usable_seen
+            unusable_shards, usable_seen = 0, True
 
         # Cheap checks happen before the shuffle buffer (they keep unusable samples out of it);
         # decoding after it.
         selected = self.samples.select(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
         decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng, num_batches * self.batch_size),
-                                      rng, stats)
+                                      rng, stats, shards_enough=lambda: draws >= unusable_run_limit(len(urls), False))
         for _ in range(num_batches):
             batch = [next(decoded) for _ in range(self.batch_size)]
             yield *self.samples.collate(batch, stats), DataStats(stats)

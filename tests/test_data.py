@@ -4,6 +4,7 @@ and the segmented stream that makes resume exact."""
 import argparse
 import io
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -264,7 +265,8 @@ def test_the_shuffle_reads_only_what_the_segment_uses():
 
 def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{j}", "jpg": b"junk", "txt": "x"} for j in range(MAX_UNDECODABLE_IN_A_ROW)])
-    with pytest.raises(DataError, match=f"{MAX_UNDECODABLE_IN_A_ROW} images in a row could not be used"):
+    # It stops once it has drawn enough shards to tell (eight here), so after more than the 1000.
+    with pytest.raises(DataError, match=r"\d{4} images in a row could not be used, none before"):
         next(iter(shard_stream([shard], tokenizer)))
 
 
@@ -289,3 +291,141 @@ def test_processes_read_different_samples(tiny_shards, tokenizer):
     first = next(iter(shard_stream(urls, tokenizer, process_index=0)))
     second = next(iter(shard_stream(urls, tokenizer, process_index=1)))
     assert not torch.equal(first[0], second[0])
+
+
+def test_unreadable_shards_among_good_ones_do_not_stop_the_stream(tmp_path, tokenizer):
+    """Shards are drawn with replacement: with three of four shards missing, eight bad draws in a
+    row come by chance, and must not end a stream whose good shard keeps giving samples."""
+    good = write_tar(tmp_path / "good.tar", [{"__key__": "k", "jpg": jpeg_bytes("red"), "txt": "red"}])
+    urls = [good] + [str(tmp_path / f"missing_{i}.tar") for i in range(3)]
+    for seed in range(3):
+        batches = list(shard_stream(urls, tokenizer, batch_size=2, batches_per_segment=20, seed=seed))
+        assert len(batches) == 20
+        assert sum(stats["bad_shard"] for _, _, stats in batches) >= 8
+
+
+def test_shards_that_become_unreadable_stop_the_stream_rather_than_leave_it_spinning(tmp_path, tokenizer):
+    """After usable samples, a run of bad draws among good shards is chance; a run far longer than
+    chance gives (20 per shard of the pool) means the shards went away (a server gone, say)."""
+    good = write_tar(tmp_path / "good.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"} for j in range(4)])
+    served = tmp_path / "served"
+    served_once = f"pipe:sh -c 'test -e {served} && exit 1; touch {served}; cat {good}'"
+    stream = shard_stream([served_once, served_once], tokenizer, batch_size=2, batches_per_segment=10, shuffle_buffer=1)
+
+    class StillSpinning(BaseException):  # not an Exception: the shard reader's error handler must not swallow it
+        pass
+
+    def spinning(*_):
+        raise StillSpinning("the stream is still drawing shards after 60 s")
+
+    previous = signal.signal(signal.SIGALRM, spinning)
+    signal.alarm(60)
+    try:
+        with pytest.raises(DataError, match=r"in 40 shards in a row of 2"):
+            list(stream)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_an_unreadable_shard_is_named_in_the_log(tmp_path, tiny_shards, caplog):
+    missing = str(tmp_path / "missing.tar")
+    read_all([missing])
+    assert f"No such file or directory: '{missing}'" in caplog.text
+    gated = "pipe:curl -s -f https://huggingface.co/datasets/someone/gated/resolve/main/0.tar -H 'Authorization:Bearer hf_NotARealToken0123456789'"
+    read_all([f"pipe:false {gated}"])
+    assert "someone/gated" in caplog.text and "hf_NotARealToken" not in caplog.text
+    caplog.clear()
+    urls = train_shard_urls(argparse.Namespace(train_shards_path_or_url=f"{tiny_shards}::{missing}",
+                                               train_latents_path_or_url=None))
+    assert len(urls) == 4 and f"1 of 4 shards do not exist and will be skipped (first: {missing})" in caplog.text
+
+
+def test_a_thin_image_is_cropped_before_it_is_resized(tmp_path, monkeypatch):
+    """A 1 x 1,000,000 pixel PNG is a few KB; scaled whole to a shorter side of 64 it would be
+    64 million x 64 pixels (16 GB). Only the crop may be resized."""
+    resize = Image.Image.resize
+
+    def bounded_resize(self, size, *args, **kwargs):
+        assert size[0] * size[1] <= 4 * 64 * 64, f"resized to {size}"
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", bounded_resize)
+    thin = write_tar(tmp_path / "thin.tar", [
+        {"__key__": "line", "png": encoded(Image.new("RGB", (1_000_000, 1), "white")), "txt": "a divider line"},
+    ])
+    stats = DataStats()
+    [(pixels, _)] = read_all([thin], resolution=64, stats=stats)
+    assert pixels.shape == (3, 64, 64) and pixels.min() > 0.99
+    assert stats["image_upscaled"] == 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    stored left red and right blue, it shows top red and bottom blue."""
+    array = np.zeros((32, 64, 3), dtype=np.uint8)
+    array[:, :32, 0] = array[:, 32:, 2] = 255
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    shard = write_tar(tmp_path / "phone.tar", [{"__key__": "photo", "jpg": buffer.getvalue(), "txt": "a phone photo"}])
+    [(pixels, _)] = read_all([shard], resolution=16, center_crop=True)
+    rgb = (pixels + 1) * 127.5
+    assert rgb[0, 0].mean() > 240 and rgb[2, 0].mean() < 15  # top row red
+    assert rgb[2, -1].mean() > 240 and rgb[0, -1].mean() < 15  # bottom row blue
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_transparent_colour_is_composited_over_white(tmp_path, mode):
+    """A PNG tRNS chunk makes a colour of an RGB or greyscale image transparent, as alpha does."""
+    black = (0, 0, 0) if mode == "RGB" else 0
+    buffer = io.BytesIO()
+    Image.new(mode, (40, 40), black).save(buffer, format="PNG", transparency=black)
+    shard = write_tar(tmp_path / "trns.tar", [{"__key__": "logo", "png": buffer.getvalue(), "txt": "a transparent logo"}])
+    [(pixels, _)] = read_all([shard], resolution=32)
+    assert pixels.min() > 0.99
+
+
+def test_one_shard_of_undecodable_images_is_read_to_its_end_when_asked(tmp_path):
+    """scripts/precompute_latents.py reads one shard at a time: a shard whose images all fail to
+    decode gives nothing, and does not stop the script."""
+    shard = write_tar(tmp_path / "junk.tar", [{"__key__": f"k{j}", "jpg": b"<html>403</html>", "txt": "x"}
+                                              for j in range(MAX_UNDECODABLE_IN_A_ROW)]
+                      + [{"__key__": "last", "jpg": jpeg_bytes("red"), "txt": "the one good image"}])
+    stats = DataStats()
+    decoded = list(decoded_images(captioned_images(tar_samples([shard], stats), stats), ImageTransform(32),
+                                  random.Random(0), stats, max_in_a_row=None))
+    assert [caption for _, caption in decoded] == ["the one good image"]
+    assert stats["undecodable_image"] == MAX_UNDECODABLE_IN_A_ROW
+
+
+def test_an_unparsable_exif_block_leaves_the_image_as_stored(tmp_path, monkeypatch):
+    """Corrupt EXIF makes PIL raise struct.error and the like while turning an image upright: the
+    pixels are fine, so the image is used as stored."""
+    import struct
+
+    from PIL import ImageOps
+
+    def broken_exif(image, **kwargs):
+        raise struct.error("required argument is not an integer")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken_exif)
+    shard = write_tar(tmp_path / "exif.tar", [{"__key__": "k", "jpg": jpeg_bytes("red"), "txt": "red"}])
+    stats = DataStats()
+    assert len(read_all([shard], stats=stats)) == 1 and stats.skipped() == 0
+
+
+def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_stream(tmp_path, tokenizer):
+    """A shard whose images all fail to decode (a crawl that saved error pages) gives more than
+    MAX_UNDECODABLE_IN_A_ROW failures in a row whenever it is drawn: that is one bad shard, not
+    unusable data."""
+    good = [write_tar(tmp_path / f"good{i}.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"}
+                                                  for j in range(12)]) for i in range(3)]
+    junk = write_tar(tmp_path / "junk.tar", [{"__key__": f"k{j}", "jpg": b"<html>403</html>", "txt": "x"}
+                                             for j in range(MAX_UNDECODABLE_IN_A_ROW + 1)])
+    for seed in range(4):
+        batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=50,
+                                    shuffle_buffer=1000, seed=seed))
+        assert len(batches) == 50
