@@ -178,7 +178,7 @@ def main(args):
         rng, shard_stats = random.Random(f"{args.seed}-{index}"), DataStats()
         # One shard is finite: however many of its images fail to decode, the others are encoded.
         samples = decoded_images(captioned_images(tar_samples([urls[index]], shard_stats), shard_stats), transform,
-                                 rng, shard_stats, max_in_a_row=None)
+                                 rng, shard_stats)
         partial = partial_path(path)
         count = write_latent_shard(partial, samples, tokenizer, text_encoder, vae, args, shard_stats)
         stats.update(shard_stats)

@@ -226,33 +226,30 @@ def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Rand
     return None
 
 
-def decoded_samples(encoded, decode, stats: DataStats, what: str, max_in_a_row=MAX_UNDECODABLE_IN_A_ROW,
-                    shards_enough=None):
+def decoded_samples(encoded, decode, stats: DataStats, what: str, on_dead_run=None):
     """``(decode(data), rest)`` for each ``(data, rest)`` whose data decodes (``decode`` returns
-    ``None`` for one that does not, counted by it); stops with ``DataError`` when none has decoded
-    after ``max_in_a_row`` failures in a row and ``shards_enough()`` says the stream has drawn enough
-    shards to tell (one shard of undecodable images among good ones is not unusable data).
-    ``what`` names the data in the message; ``max_in_a_row=None`` never stops, for a finite stream
-    such as one shard's."""
+    ``None`` for one that does not, counted by it). Once ``MAX_UNDECODABLE_IN_A_ROW`` have failed in
+    a row with none decoded before, ``on_dead_run(message)`` is asked at each further failure: it
+    raises to stop, returns True to count afresh (the stream draws from other shards now) or False
+    to go on counting. Without it failures are only counted, as for one finite shard. ``what``
+    names the data in the message."""
     failures_in_a_row, decoded_any = 0, False
     for data, rest in encoded:
         decoded = decode(data)
         if decoded is None:
             failures_in_a_row += 1
-            if (max_in_a_row is not None and failures_in_a_row >= max_in_a_row and not decoded_any
-                    and (shards_enough is None or shards_enough())):
-                raise DataError(f"{failures_in_a_row} {what} in a row could not be used, none before "
-                                f"({stats.summary()})")
+            if (on_dead_run is not None and not decoded_any and failures_in_a_row >= MAX_UNDECODABLE_IN_A_ROW
+                    and on_dead_run(f"{failures_in_a_row} {what} in a row could not be used, none before")):
+                failures_in_a_row = 0
             continue
         failures_in_a_row, decoded_any = 0, True
         yield decoded, rest
 
 
-def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats,
-                   max_in_a_row=MAX_UNDECODABLE_IN_A_ROW, shards_enough=None):
+def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats, on_dead_run=None):
     """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes."""
     return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), stats, "images",
-                           max_in_a_row, shards_enough)
+                           on_dead_run)
 
 
 def tar_samples(urls, stats: DataStats):
@@ -329,8 +326,8 @@ class ImageTextSamples:
         """Cheap checks, before the shuffle buffer: ``(image bytes, caption)`` pairs."""
         return captioned_images(raw_samples, stats, on_sample)
 
-    def decode(self, selected, rng: random.Random, stats: DataStats, shards_enough=None):
-        return decoded_images(selected, self.transform, rng, stats, shards_enough=shards_enough)
+    def decode(self, selected, rng: random.Random, stats: DataStats, on_dead_run=None):
+        return decoded_images(selected, self.transform, rng, stats, on_dead_run)
 
     def collate(self, batch, stats: DataStats):
         pixels = torch.stack([pixels for pixels, _ in batch])
@@ -357,9 +354,8 @@ class LatentSamples:
             on_sample()
             yield (sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]), None
 
-    def decode(self, selected, rng: random.Random, stats: DataStats, shards_enough=None):
-        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples",
-                               shards_enough=shards_enough)
+    def decode(self, selected, rng: random.Random, stats: DataStats, on_dead_run=None):
+        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples", on_dead_run)
 
     def collate(self, batch, stats: DataStats):
         return tuple(torch.stack(arrays) for arrays in zip(*(arrays for arrays, _ in batch)))
@@ -383,15 +379,71 @@ class LatentSamples:
         return tuple(arrays)
 
 
-def unusable_run_limit(pool_size: int, usable_seen: bool) -> int:
-    """How many shards drawn in a row may yield no usable sample before a reader gives up on its
-    pool of ``pool_size`` shards. Before any usable sample a short run says that the data is
-    unusable: ``min(max(8, 2 n), 64)``. After one, some shard of the pool is good, and shards are
-    drawn with replacement, so a run of bad draws among good ones is only chance; only a run
-    that chance gives with probability under e^-20 (``20 n`` draws that all miss the one good
-    shard of ``n``) says that the shards have become unreadable (a network outage, say), and
-    stops the stream with an error rather than leaving it spinning."""
-    return 20 * pool_size if usable_seen else min(max(8, 2 * pool_size), 64)
+class ShardDraws:
+    """The shards one reader draws in one segment, at random with replacement from its own share
+    of them, and when it gives up on what it draws from. It gives up once draws can tell that
+    they hold nothing usable:
+
+    - before the segment's first usable sample, once every shard drawn from (or 64 of them) has
+      been drawn without one: counting draws instead would stop good data by chance (with 3 of 4
+      shards missing, 8 draws miss the good one 10% of the time);
+    - after it, once 20 draws per shard in a row have found none: a run that chance gives with
+      probability under e^-20 while a good shard is there, so the shards went away (a server
+      down), and the stream stops rather than spinning;
+    - samples that fail to decode (``decoded_samples``' run), before any has decoded, once every
+      shard (or 64) has been drawn: one shard of error pages saved as JPEGs is not dead data.
+
+    A reader that gives up on its own share draws from all shards for the rest of the segment,
+    with a warning (a few corrupt shards that make up one reader's share must not stop a run);
+    one that gives up on all of them stops the stream with ``DataError``."""
+
+    MAX_DISTINCT = 64
+    DRAWS_PER_SHARD = 20
+
+    def __init__(self, own_urls, all_urls, rng: random.Random, samples, stats: DataStats):
+        self.pool, self.all_urls, self.rng, self.samples, self.stats = own_urls, all_urls, rng, samples, stats
+        self.usable_seen = False
+        self.restart()
+
+    def restart(self):
+        self.drawn = set()  # distinct shards drawn from this pool
+        self.tried = set()  # distinct shards drawn since the last usable sample
+        self.unusable_draws = 0  # draws since the last usable sample
+
+    def all_tried(self, shards: set) -> bool:
+        return len(shards) >= min(len(self.pool), self.MAX_DISTINCT)
+
+    def __iter__(self):
+        while True:
+            if (self.unusable_draws >= self.DRAWS_PER_SHARD * len(self.pool) if self.usable_seen
+                    else self.all_tried(self.tried)):
+                self.give_up(f"no {self.samples.usable} in {self.unusable_draws} shards in a row")
+            url = self.rng.choice(self.pool)
+            self.drawn.add(url)
+            self.tried.add(url)
+            self.unusable_draws += 1
+            yield url
+
+    def found_usable(self):
+        self.tried.clear()
+        self.unusable_draws, self.usable_seen = 0, True
+
+    def dead_decoding(self, reason: str) -> bool:
+        """``on_dead_run`` for ``decoded_samples``."""
+        if not self.all_tried(self.drawn):
+            return False
+        self.give_up(reason)
+        return True
+
+    def give_up(self, reason: str):
+        if len(self.pool) < len(self.all_urls):
+            logger.warning(f"{reason} from this loader's {len(self.pool)} of {len(self.all_urls)} shards: it draws "
+                           "from all of them this segment, so some samples may be read by more than one loader")
+            self.pool = self.all_urls
+            self.restart()
+            return
+        raise DataError(f"{reason}, drawing from {len(self.pool)} shards (skipped so far: "
+                        f"{self.stats.summary() or 'nothing'}); check {self.samples.flag}")
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -434,36 +486,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker, num_batches, urls = self.worker_shards()
         rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
         stats = DataStats()
-        unusable_shards, usable_seen, draws = 0, False, 0
-
-        def drawn_shards():
-            nonlocal unusable_shards, draws
-            pool = urls
-            while True:
-                if unusable_shards >= unusable_run_limit(len(pool), usable_seen):
-                    if len(pool) < len(self.urls):
-                        logger.warning(f"no {self.samples.usable} in {unusable_shards} draws from this loader's "
-                                       f"{len(pool)} of {len(self.urls)} shards: it draws from all of them this "
-                                       "segment, so some samples may be read by more than one loader")
-                        pool, unusable_shards = self.urls, 0
-                        continue
-                    raise DataError(
-                        f"no {self.samples.usable} in {unusable_shards} shards in a row of {len(pool)} "
-                        f"(skipped so far: {stats.summary() or 'nothing'}); check {self.samples.flag}"
-                    )
-                unusable_shards += 1
-                draws += 1
-                yield rng.choice(pool)
-
-        def reset_unusable():
-            nonlocal unusable_shards, usable_seen
-            unusable_shards, usable_seen = 0, True
-
+        draws = ShardDraws(urls, self.urls, rng, self.samples, stats)
         # Cheap checks happen before the shuffle buffer (they keep unusable samples out of it);
         # decoding after it.
-        selected = self.samples.select(tar_samples(drawn_shards(), stats), stats, on_sample=reset_unusable)
+        selected = self.samples.select(tar_samples(draws, stats), stats, on_sample=draws.found_usable)
         decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng, num_batches * self.batch_size),
-                                      rng, stats, shards_enough=lambda: draws >= unusable_run_limit(len(urls), False))
+                                      rng, stats, on_dead_run=draws.dead_decoding)
         for _ in range(num_batches):
             batch = [next(decoded) for _ in range(self.batch_size)]
             yield *self.samples.collate(batch, stats), DataStats(stats)

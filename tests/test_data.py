@@ -233,7 +233,7 @@ def shard_stream(urls, tokenizer, **overrides):
 
 def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
     shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
-    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in 8 shards in a row"):
+    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in \d+ shards in a row, drawing from 2 shards"):
         next(iter(shard_stream(shards, tokenizer)))
 
 
@@ -244,7 +244,7 @@ def test_a_reader_whose_shards_are_all_bad_draws_from_all_shards(tmp_path, token
     corrupt = tmp_path / "corrupt.tar"
     corrupt.write_bytes(b"not a tar" * 300)
     pixels, _, stats = next(iter(shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2)))
-    assert pixels.shape[0] == 3 and stats["bad_shard"] >= 8
+    assert pixels.shape[0] == 3 and stats["bad_shard"] >= 1
     assert "draws from all of them" in caplog.text
 
 
@@ -265,8 +265,7 @@ def test_the_shuffle_reads_only_what_the_segment_uses():
 
 def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{j}", "jpg": b"junk", "txt": "x"} for j in range(MAX_UNDECODABLE_IN_A_ROW)])
-    # It stops once it has drawn enough shards to tell (eight here), so after more than the 1000.
-    with pytest.raises(DataError, match=r"\d{4} images in a row could not be used, none before"):
+    with pytest.raises(DataError, match=r"1000 images in a row could not be used, none before, drawing from 1 shards"):
         next(iter(shard_stream([shard], tokenizer)))
 
 
@@ -294,14 +293,16 @@ def test_processes_read_different_samples(tiny_shards, tokenizer):
 
 
 def test_unreadable_shards_among_good_ones_do_not_stop_the_stream(tmp_path, tokenizer):
-    """Shards are drawn with replacement: with three of four shards missing, eight bad draws in a
-    row come by chance, and must not end a stream whose good shard keeps giving samples."""
+    """Shards are drawn with replacement: with three of four shards missing, 8 draws in a row miss
+    the good one 10% of the time, which must not end a stream whose good shard keeps giving samples."""
     good = write_tar(tmp_path / "good.tar", [{"__key__": "k", "jpg": jpeg_bytes("red"), "txt": "red"}])
     urls = [good] + [str(tmp_path / f"missing_{i}.tar") for i in range(3)]
-    for seed in range(3):
-        batches = list(shard_stream(urls, tokenizer, batch_size=2, batches_per_segment=20, seed=seed))
-        assert len(batches) == 20
-        assert sum(stats["bad_shard"] for _, _, stats in batches) >= 8
+    bad_draws = 0
+    for seed in range(40):
+        batches = list(shard_stream(urls, tokenizer, batch_size=2, batches_per_segment=2, shuffle_buffer=1, seed=seed))
+        assert len(batches) == 2
+        bad_draws += sum(stats["bad_shard"] for _, _, stats in batches)
+    assert bad_draws >= 40
 
 
 def test_shards_that_become_unreadable_stop_the_stream_rather_than_leave_it_spinning(tmp_path, tokenizer):
@@ -321,7 +322,7 @@ def test_shards_that_become_unreadable_stop_the_stream_rather_than_leave_it_spin
     previous = signal.signal(signal.SIGALRM, spinning)
     signal.alarm(60)
     try:
-        with pytest.raises(DataError, match=r"in 40 shards in a row of 2"):
+        with pytest.raises(DataError, match=r"in 40 shards in a row, drawing from 2 shards"):
             list(stream)
     finally:
         signal.alarm(0)
@@ -396,7 +397,7 @@ def test_one_shard_of_undecodable_images_is_read_to_its_end_when_asked(tmp_path)
                       + [{"__key__": "last", "jpg": jpeg_bytes("red"), "txt": "the one good image"}])
     stats = DataStats()
     decoded = list(decoded_images(captioned_images(tar_samples([shard], stats), stats), ImageTransform(32),
-                                  random.Random(0), stats, max_in_a_row=None))
+                                  random.Random(0), stats))
     assert [caption for _, caption in decoded] == ["the one good image"]
     assert stats["undecodable_image"] == MAX_UNDECODABLE_IN_A_ROW
 
@@ -429,3 +430,8 @@ def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_strea
         batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=50,
                                     shuffle_buffer=1000, seed=seed))
         assert len(batches) == 50
+    # A reader whose own share is the junk shard draws from all shards instead.
+    for process_index in range(4):
+        batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=2,
+                                    process_index=process_index, num_processes=4))
+        assert len(batches) == 2

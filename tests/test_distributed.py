@@ -135,7 +135,7 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     checkpoint = os.path.join(output_dir, "checkpoint-4")
     assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_target"} <= set(os.listdir(checkpoint))
     bad_shards = json.load(open(os.path.join(checkpoint, "training_state.json")))["data_stats"]["bad_shard"]
-    assert bad_shards >= 16  # 8 draws in a row of its own share per segment, before it falls back
+    assert bad_shards >= 4  # in each of the 2 segments both shards of its own share, before it falls back
     assert logged_scalars(output_dir, "data/skipped")[0][4] == bad_shards
     assert f"Data in all: {bad_shards} samples skipped" in first.stderr
 
