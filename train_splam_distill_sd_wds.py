@@ -30,6 +30,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from splam import update_ema
@@ -250,7 +251,11 @@ def main(args):
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     batches_seen, nonfinite_in_a_row, update_loss = 0, 0, 0.0
-    batches = train_batches(train_dataloader, first_segment)
+    # A checkpoint must end a segment, or a resume from it would skip the rest of that segment's
+    # batches. After a resume off this run's grid (--checkpointing_steps changed), the first segment
+    # is cut short to end at the next checkpoint.
+    first_segment_batches = (-global_step % args.checkpointing_steps) * args.gradient_accumulation_steps or batches_per_segment
+    batches = train_batches(train_dataloader, first_segment, first_segment_batches)
     while global_step < args.max_train_steps:
         inputs, conditioning, batch_stats = next(batches)
         batches_seen += 1
@@ -304,7 +309,7 @@ def main(args):
             all_data_stats = data_stats.summed_over_processes()
             training_state = {
                 "global_step": global_step,
-                "data_segment": first_segment + math.ceil(batches_seen / batches_per_segment),
+                "data_segment": first_segment + 1 + math.ceil((batches_seen - first_segment_batches) / batches_per_segment),
                 "data_stream": data_stream,
                 "samples_seen": samples_seen,
                 "data_stats": dict(all_data_stats),
@@ -343,11 +348,17 @@ def main(args):
     if accelerator.is_main_process:
         # The frozen nets were cast for training; the published pipeline gets them afresh, in float32.
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
-        export_pipeline(
-            args, tokenizer, text_encoder, vae, target_unet, student,
-            teacher_scheduler.config, global_step, samples_seen,
-            repo_id=publisher.repo_id if args.push_to_hub else None,
-        )
+        try:
+            export_pipeline(
+                args, tokenizer, text_encoder, vae, target_unet, student,
+                teacher_scheduler.config, global_step, samples_seen,
+                repo_id=publisher.repo_id if args.push_to_hub else None,
+            )
+        except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, no permission
+            raise CheckpointError(
+                f"could not write the distilled pipeline into {args.output_dir} ({' '.join(str(error).split())}): "
+                "make room, then --resume_from_checkpoint=latest writes it again from the newest checkpoint"
+            ) from error
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")
     accelerator.end_training()  # the trackers' runs end as finished, whatever the uploads do
     if publisher is not None:

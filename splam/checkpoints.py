@@ -13,6 +13,7 @@ Which checkpoint a run resumes from is ``output_dir.claim_output_dir``'s choice.
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
 
@@ -29,7 +30,7 @@ TRAINING_STATE_FORMAT = 3
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the previous ones are intact."""
+    """A checkpoint could not be written (the previous ones are intact) or read."""
 
 
 def checkpoint_step(path: str) -> int:
@@ -108,7 +109,11 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
     if accelerator.is_main_process:
-        shutil.rmtree(staging_path, ignore_errors=True)
+        # Left by a killed run (output_dir is locked, so by no live one), whatever its interval and
+        # limit: removed before this checkpoint takes their room on the disk.
+        for leftover in glob.glob(os.path.join(output_dir, ".checkpoint-*.partial")) + \
+                glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(staging_path)
@@ -122,8 +127,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
             shutil.rmtree(staging_path, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error
     if accelerator.is_main_process and total_limit is not None:
-        for doomed_path in glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):  # left by a kill
-            shutil.rmtree(doomed_path)
         for old_path in list_checkpoints(output_dir)[:-total_limit]:
             doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
             os.replace(old_path, doomed_path)
@@ -153,7 +156,17 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     of accumulation steps, the first update would take fewer micro-batches, and not as many on
     every process.
     """
-    accelerator.load_state(checkpoint_path)
+    def damaged(reason: str) -> CheckpointError:
+        return CheckpointError(f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
+                               "move it out of the folder to resume from the checkpoint before it")
+
+    missing = [name for name in ("unet", "unet_target") if not os.path.isfile(os.path.join(checkpoint_path, name, "config.json"))]
+    if missing:
+        raise damaged(f"no {' or '.join(missing)}/config.json")
+    try:
+        accelerator.load_state(checkpoint_path)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
+        raise damaged(" ".join(str(error).split()) or type(error).__name__) from error
     accelerator.step = 0
     return apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
 

@@ -511,10 +511,14 @@ def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bo
     )
 
 
-def train_batches(loader, first_segment: int):
-    """The endless stream of training batches, segment after segment from ``first_segment``."""
-    segment = first_segment
+def train_batches(loader, first_segment: int, first_segment_batches=None):
+    """The endless stream of training batches, segment after segment from ``first_segment``;
+    ``first_segment_batches``, if given, cuts the first segment short (a resume off this run's
+    checkpoint grid), so that the next checkpoint still ends a segment."""
+    segment, batches_per_segment = first_segment, loader.dataset.batches_per_segment
     while True:
         loader.dataset.segment = segment
+        short = segment == first_segment and first_segment_batches
+        loader.dataset.batches_per_segment = first_segment_batches if short else batches_per_segment
         yield from loader
         segment += 1

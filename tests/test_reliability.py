@@ -69,6 +69,24 @@ def test_a_run_killed_after_a_checkpoint_resumes_exactly(tiny_teacher, tiny_shar
         assert_same_weights(os.path.join(uninterrupted, folder), os.path.join(killed, folder))
 
 
+def test_checkpoints_after_a_resume_with_another_interval_still_resume_exactly(tiny_teacher, tiny_shards, tmp_path):
+    """A resume from checkpoint-4 with --checkpointing_steps=3 writes checkpoint-6 two steps into
+    its run: that checkpoint must end a data segment, or a later resume from it (flags unchanged,
+    no warning) would skip the rest of the segment and train on other batches than the run that
+    went on."""
+    went_on, resumed = str(tmp_path / "went_on"), str(tmp_path / "resumed")
+    launch(tiny_teacher, tiny_shards, went_on, "--max_train_steps=4", "--checkpointing_steps=4")
+    flags = ["--max_train_steps=9", "--checkpointing_steps=3", "--resume_from_checkpoint=latest"]
+    launch(tiny_teacher, tiny_shards, went_on, *flags)
+    shutil.copytree(went_on, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoint-9"))
+    result = launch(tiny_teacher, tiny_shards, resumed, *flags)
+    assert "Resuming from" in result.stderr and "checkpoint-6" in result.stderr and "changed since" not in result.stderr
+    went_on_losses, resumed_losses = logged_scalars(went_on, "loss")[-1], logged_scalars(resumed, "loss")[-1]
+    assert resumed_losses == {step: went_on_losses[step] for step in range(7, 10)}
+    assert_same_weights(os.path.join(went_on, "unet"), os.path.join(resumed, "unet"))
+
+
 def test_a_relaunch_while_the_run_still_trains_is_refused(tiny_teacher, tiny_shards, tmp_path):
     """``accelerate launch`` stopped by a signal leaves its training process running: a relaunch
     into the same folder is refused while that one trains, and goes ahead once it has stopped."""
@@ -117,6 +135,20 @@ def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_
     assert logged_scalars(str(output_dir), "loss")[-1].keys() == {3}
 
 
+def test_what_a_kill_leaves_is_removed_whatever_the_resumed_flags(tiny_teacher, tiny_shards, tmp_path):
+    """A staging folder (a kill mid-save) or a half-deleted one (a kill mid-rotation) is up to a
+    whole checkpoint on the disk: the next save removes it even where the resumed run never saves
+    that step again (another --checkpointing_steps) or has no --checkpoints_total_limit."""
+    output_dir = tmp_path / "run"
+    launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--checkpointing_steps=2")
+    for leftover in (".checkpoint-4.partial", ".checkpoint-1.deleting"):
+        shutil.copytree(output_dir / "checkpoint-2", output_dir / leftover)
+        (output_dir / leftover / "training_state.json").unlink()
+    launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=3", "--checkpointing_steps=3",
+           "--resume_from_checkpoint=latest")
+    assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2", "checkpoint-3"]
+
+
 def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny_teacher, tiny_shards, tmp_path):
     """``latest`` and the rotation go by step number, so a new run in a folder with checkpoints, or
     a roll-back to an older one, would lose its own checkpoints to them: it stops at once."""
@@ -160,6 +192,31 @@ def test_a_checkpoint_in_an_earlier_format_or_unreadable_is_refused(content, exp
         read_training_state(str(checkpoint))
 
 
+def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards, tmp_path):
+    """A checkpoint damaged after it was written (a folder deleted by hand, a file cut short by a
+    full or failing disk) stops the resume with one `error:` line that names it, not a traceback
+    that names another folder."""
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2")
+    checkpoint = os.path.join(output_dir, "checkpoint-2")
+    shutil.copytree(checkpoint, str(tmp_path / "intact"))
+    weights = os.path.join(checkpoint, "unet_target", "diffusion_pytorch_model.safetensors")
+    damages = {"no unet_target/config.json": lambda: shutil.rmtree(os.path.join(checkpoint, "unet_target")),
+               "diffusion_pytorch_model.safetensors": lambda: os.truncate(weights, os.path.getsize(weights) // 2),
+               "EOFError": lambda: open(os.path.join(checkpoint, "optimizer.bin"), "wb").close()}
+    for named, damage in damages.items():
+        shutil.rmtree(checkpoint)
+        shutil.copytree(str(tmp_path / "intact"), checkpoint)
+        damage()
+        result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
+                                              "--checkpointing_steps=2", "--resume_from_checkpoint=latest"))
+        assert result.returncode != 0
+        message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert message and f"cannot resume from {checkpoint}, which is damaged" in message[0] and named in message[0], \
+            result.stderr[-3000:]
+        assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+
+
 def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):
     output_dir = str(tmp_path / "run")
     launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2")
@@ -183,6 +240,24 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_tea
     assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
     after = {path: open(path, "rb").read() for path in before}
     assert after == before
+
+
+def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path):
+    """A full disk at the final export ends the run with one `error:` line that says how to write it again."""
+    output_dir = str(tmp_path / "run")
+
+    def small_disk():  # files may not grow past 500 kB, less than the UNet's weights: like a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    result = subprocess.run(
+        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
+                                           "--checkpointing_steps=2")],
+        cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=600,
+    )
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert message and f"could not write the distilled pipeline into {output_dir}" in message[0], result.stderr[-3000:]
 
 
 def bad_data_shard(path):
