@@ -40,6 +40,7 @@ import torch
 import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.args import redact_tokens  # noqa: E402
 from splam.data import (  # noqa: E402
     MOMENTS_KEY,
     PROMPT_EMBEDS_KEY,
@@ -124,8 +125,9 @@ SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "te
 
 
 def shard_record(args, url: str) -> dict:
-    """What made an output shard: its input shard and the settings."""
-    return {"input": url, **{name: getattr(args, name) for name in SETTINGS}}
+    """What made an output shard: its input shard (a token in a gated dataset's curl command
+    masked) and the settings."""
+    return {"input": redact_tokens(url), **{name: getattr(args, name) for name in SETTINGS}}
 
 
 def check_earlier_outputs(args, urls) -> None:
@@ -198,7 +200,8 @@ def main(args):
               flush=True)
     print(f"Data: {stats.report()}")
     if failed:
-        sys.exit(f"error: {len(failed)} shards could not be read to the end (first: {failed[0]}); run again to retry them")
+        sys.exit(f"error: {len(failed)} shards could not be read to the end (first: {redact_tokens(failed[0])}); "
+                 "run again to retry them")
     print(f"Train with --train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
           f"--resolution={args.resolution} and the same teacher")
 

@@ -68,7 +68,9 @@ def rows(options):
 def run_row(command, log, timeout):
     """The row's exit status, or "timeout". The row runs in a process group of its own, so that a
     timeout also ends its loader workers and compiler processes, which would otherwise go on
-    taking the CPUs (and the GPU's memory) from the next row."""
+    taking the CPUs (and the GPU's memory) from the next row. The group is ended too when this
+    script is interrupted or terminated (``main`` turns SIGTERM and SIGHUP into an exit); only a
+    SIGKILL of this script leaves the row running."""
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         return process.wait(timeout=timeout)
@@ -78,6 +80,13 @@ def run_row(command, log, timeout):
         if process.poll() is None:  # timed out, or this script was interrupted: its own group gets no Ctrl-C
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def exit_on_termination():
+    """SIGTERM and SIGHUP exit this script as an exception would, so that ``run_row`` ends the row's
+    process group on the way out (by default they end the script at once, and the row runs on)."""
+    for signal_number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signal_number, lambda number, frame: sys.exit(128 + number))
 
 
 def table_row(figures) -> str:
@@ -120,6 +129,7 @@ def main():
                              "lent for a fixed time).")
     options, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
+    exit_on_termination()
     available = rows(options)
     names = options.rows.split(",") if options.rows else list(available)
     unknown = sorted(set(names) - set(available))

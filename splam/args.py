@@ -32,9 +32,12 @@ TRACKERS = (*(tracker.value for tracker in LoggerType), "none")
 # Keys that must never reach a tracker, a log line or a written file.
 SECRET_ARGS = ("hub_token",)
 # Tokens that can also sit inside other flags' values, e.g. the shard command of a gated Hub
-# dataset, ``pipe:curl ... -H 'Authorization:Bearer hf_...'``: Hugging Face access tokens, and
-# the value of any Authorization header.
-TOKEN_PATTERNS = (re.compile(r"hf_[A-Za-z0-9]{16,}"), re.compile(r"(?<=Authorization:)(\s*(?:Bearer\s+)?)[^\s'\"]+", re.I))
+# dataset, ``pipe:curl ... -H 'Authorization: Bearer hf_...'``: Hugging Face access tokens (hf_
+# and 34 letters and digits; a shorter run, or one inside a longer word, is a name such as a
+# folder's), and the whole value of any Authorization header (Bearer, Basic, token, ...), up to
+# the quote or line end that closes it (an unquoted one takes the rest of the command with it).
+HUB_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
+AUTHORIZATION_VALUE_PATTERN = re.compile(r"(?<=Authorization:)[^'\"\n]*", re.I)
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
@@ -233,8 +236,8 @@ def redact_tokens(text: str, tokens=()) -> str:
     """``text`` with ``tokens``, Hugging Face access tokens and Authorization header values replaced by ``***``."""
     for token in tokens:
         text = text.replace(token, "***")
-    text = TOKEN_PATTERNS[0].sub("***", text)
-    return TOKEN_PATTERNS[1].sub(lambda match: f"{match.group(1)}***", text)
+    text = HUB_TOKEN_PATTERN.sub("***", text)
+    return AUTHORIZATION_VALUE_PATTERN.sub(" ***", text)
 
 
 def redact_secrets(argv: list) -> list:

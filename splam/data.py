@@ -41,6 +41,7 @@ SKIP_REASONS = ("bad_shard", "no_image", "no_caption", "empty_caption", "undecod
 REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled")
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_UNDECODABLE_IN_A_ROW = 1000
+MAX_SHARDS_CHECKED = 10_000  # local shards whose existence is checked at the start
 # The arrays of a latent shard's sample (scripts/precompute_latents.py writes them).
 MOMENTS_KEY, PROMPT_EMBEDS_KEY = "moments.npy", "prompt_embeds.npy"
 
@@ -94,9 +95,12 @@ def train_shard_urls(args) -> list:
     local = [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
     if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
         raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all)")
-    missing = [path for path in local if not os.path.exists(path)]
+    # Bounded: on a network filesystem each check is a round trip, and a web-scale spec has 100k shards.
+    checked = local[:MAX_SHARDS_CHECKED]
+    missing = [path for path in checked if not os.path.exists(path)]
     if missing:
-        logger.warning(f"{flag}: {len(missing)} of {len(urls)} shards do not exist and will be skipped (first: {missing[0]})")
+        logger.warning(f"{flag}: {len(missing)} of {'the first ' if len(checked) < len(local) else ''}{len(checked)} "
+                       f"shards do not exist and will be skipped (first: {missing[0]})")
     return urls
 
 

@@ -4,6 +4,9 @@ import contextlib
 import json
 import logging
 import math
+import os
+import signal
+import subprocess
 import sys
 import time
 import types
@@ -18,7 +21,7 @@ from splam.args import parse_args
 from splam.models import load_teacher_scheduler, load_teacher_unet
 from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
 
-from conftest import RESOLUTION, run_script
+from conftest import REPO_ROOT, RESOLUTION, run_script
 
 
 def teacher_args(tiny_teacher, *flags, source="--train_shards_path_or_url=unused"):
@@ -252,23 +255,46 @@ def test_the_figures_script_runs_its_rows_and_prints_the_table(tiny_teacher, tmp
     assert "== readme-step:" not in (out_dir / "benchmark.log").read_text().split("--no_such_flag")[-1]
 
 
-def test_a_row_that_times_out_is_ended_with_the_processes_it_started(tmp_path):
-    """A row's loader workers and compiler processes must not outlive its timeout and slow the next row."""
-    from throughput_figures import run_row
+# A row that starts a worker process, prints the worker's pid and waits.
+ROW_WITH_A_WORKER = ("import subprocess, sys, time; "
+                     "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                     "print(worker.pid, flush=True); time.sleep(120)")
 
-    row = ("import subprocess, sys, time; "
-           "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
-           "print(worker.pid, flush=True); time.sleep(120)")
-    with open(tmp_path / "row.log", "w") as log:
-        assert run_row([sys.executable, "-c", row], log, timeout=5) == "timeout"
-    worker_pid = int((tmp_path / "row.log").read_text())
+
+def assert_ended(pid):
     time.sleep(0.5)
     try:
-        with open(f"/proc/{worker_pid}/stat") as stat:
+        with open(f"/proc/{pid}/stat") as stat:
             state = stat.read().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         state = "gone"
     assert state in ("gone", "Z"), f"the row's worker is still running (state {state})"
+
+
+def test_a_row_that_times_out_is_ended_with_the_processes_it_started(tmp_path):
+    """A row's loader workers and compiler processes must not outlive its timeout and slow the next row."""
+    from throughput_figures import run_row
+
+    with open(tmp_path / "row.log", "w") as log:
+        assert run_row([sys.executable, "-c", ROW_WITH_A_WORKER], log, timeout=5) == "timeout"
+    assert_ended(int((tmp_path / "row.log").read_text()))
+
+
+def test_a_terminated_figures_script_ends_the_running_row(tmp_path):
+    """The row runs in its own process group, which a SIGTERM to the script (timeout, a job
+    scheduler) does not reach by itself."""
+    log_path = tmp_path / "row.log"
+    script = (f"import sys; sys.path.insert(0, {os.path.join(REPO_ROOT, 'scripts')!r}); "
+              "from throughput_figures import exit_on_termination, run_row; exit_on_termination(); "
+              f"run_row([sys.executable, '-c', {ROW_WITH_A_WORKER!r}], open({str(log_path)!r}, 'w'), timeout=120)")
+    figures = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not log_path.exists() or not log_path.read_text().strip():
+        assert time.time() < deadline and figures.poll() is None, "the row never started its worker"
+        time.sleep(0.2)
+    figures.terminate()
+    assert figures.wait(timeout=30) == 128 + signal.SIGTERM
+    assert_ended(int(log_path.read_text()))
 
 
 def test_only_rows_timed_like_the_authors_script_are_compared_with_it():

@@ -333,7 +333,7 @@ def test_an_unreadable_shard_is_named_in_the_log(tmp_path, tiny_shards, caplog):
     missing = str(tmp_path / "missing.tar")
     read_all([missing])
     assert f"No such file or directory: '{missing}'" in caplog.text
-    gated = "pipe:curl -s -f https://huggingface.co/datasets/someone/gated/resolve/main/0.tar -H 'Authorization:Bearer hf_NotARealToken0123456789'"
+    gated = "pipe:curl -s -f https://huggingface.co/datasets/someone/gated/resolve/main/0.tar -H 'Authorization:Bearer hf_NotARealToken0123456789abcdefghijkl'"
     read_all([f"pipe:false {gated}"])
     assert "someone/gated" in caplog.text and "hf_NotARealToken" not in caplog.text
     caplog.clear()

@@ -1,5 +1,6 @@
 """Publishing through the real huggingface_hub client, against a Hub-compatible server on loopback."""
 
+import argparse
 import os
 
 import pytest
@@ -156,7 +157,6 @@ def test_an_unreachable_hub_stops_the_run_before_training(tiny_teacher, tiny_sha
 
 def test_the_licence_of_a_hub_teacher_comes_from_the_cache_its_weights_came_from(tmp_path, monkeypatch):
     """--cache_dir and --teacher_revision apply to the teacher's card as to its weights."""
-    import argparse
 
     from splam.model_card import teacher_license
 
@@ -177,14 +177,24 @@ def test_a_token_inside_the_shard_command_reaches_neither_the_card_nor_the_track
     token in the shard flag must not be published in the model card, the tracker config or argv."""
     from splam.args import public_config, redact_secrets
 
-    monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
-    other = "hf_AnotherTokenTypedIntoTheCommand0123"
+    # The environment's token is masked as the token it is, whatever it looks like; a Hub token typed
+    # into the command by its form; any Authorization header's value, whatever its scheme.
+    environment_token = "a-token-of-no-known-form-0123"
+    monkeypatch.setenv("HF_TOKEN", environment_token)
+    typed = "hf_AnotherTokenTypedIntoTheCommand0123"
+    basic = "dXNlcjpwYXNzd29yZA=="
     shards = ("pipe:curl -s -L https://huggingface.co/datasets/someone/gated/resolve/main/{00000..00009}.tar "
-              f"-H 'Authorization:Bearer {ENV_TOKEN}' -H \"X-Other: {other}\"")
+              f"-H \"X-Token: {environment_token}\" -H \"X-Other: {typed}\" -H 'Authorization: Basic {basic}'")
     argv = ["--pretrained_teacher_model=t", f"--train_shards_path_or_url={shards}", "--max_train_steps=1",
-            "--output_dir=o"]
+            "--output_dir=o", "--cache_dir=/data/hf_laion2Baesthetics6plus"]
     args = parse_args(argv)
     texts = [str(public_config(args)), model_card(args, 1, 2, "samples.png"), " ".join(redact_secrets(argv))]
     for text in texts:
-        assert ENV_TOKEN not in text and other not in text
+        assert environment_token not in text and typed not in text and basic not in text
+        assert "/data/hf_laion2Baesthetics6plus" in text  # a name that only starts like a token is kept
     assert "resolve/main/{00000..00009}.tar" in texts[1]  # the rest of the flag is still recorded
+    # scripts/precompute_latents.py records each output shard's input beside it
+    from precompute_latents import SETTINGS, shard_record
+
+    record = shard_record(argparse.Namespace(**dict.fromkeys(SETTINGS)), shards)
+    assert basic not in record["input"] and "resolve/main" in record["input"]

@@ -215,8 +215,12 @@ def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_
     output_dir = str(tmp_path / "fp16")
     env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
                HF_TOKEN="hf_EnvironmentTokenThatMustNotLeak")
+    # The shard command carries credentials, as a gated dataset's curl command does (cat ignores them).
+    basic = "dXNlcjpwYXNzd29yZA=="
+    shards = (f"pipe:cat {tiny_shards} # -H 'Authorization: Basic {basic}' "
+              "-H 'X-Token: hf_EnvironmentTokenThatMustNotLeak'")
     result = launch(
-        tiny_teacher, tiny_shards, output_dir,
+        tiny_teacher, shards, output_dir,
         "--mixed_precision=fp16", "--use_8bit_adam", "--report_to=tensorboard,wandb", "--max_train_steps=2",
         "--checkpointing_steps=2", "--validation_steps=2", "--validation_prompts", "a cat", "a rocket",
         "--hub_token=hf_SecretTokenThatMustNotLeak",
@@ -237,7 +241,7 @@ def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_
     # Secrets: neither token is in anything the run wrote or printed.
     written = [open(path, "rb").read() for path in glob.glob(os.path.join(str(tmp_path), "**", "*"), recursive=True)
                if os.path.isfile(path)]
-    for secret in (b"hf_SecretTokenThatMustNotLeak", b"hf_EnvironmentTokenThatMustNotLeak"):
+    for secret in (b"hf_SecretTokenThatMustNotLeak", b"hf_EnvironmentTokenThatMustNotLeak", basic.encode()):
         assert not any(secret in content for content in written)
         assert secret.decode() not in result.stdout + result.stderr
 
