@@ -157,7 +157,6 @@ def test_an_unreachable_hub_stops_the_run_before_training(tiny_teacher, tiny_sha
 
 def test_the_licence_of_a_hub_teacher_comes_from_the_cache_its_weights_came_from(tmp_path, monkeypatch):
     """--cache_dir and --teacher_revision apply to the teacher's card as to its weights."""
-
     from splam.model_card import teacher_license
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
