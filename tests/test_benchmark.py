@@ -100,11 +100,16 @@ def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
 
     writer = SummaryWriter(str(tmp_path / "logs" / "splam-distill"))
     for step, wall_time in enumerate([100.0, 110.0, 111.0, 113.0, 116.0, 120.0], start=1):
-        writer.add_scalar("loss", 0.5, step, walltime=wall_time)
+        writer.add_scalar("loss", 0.5 / step, step, walltime=wall_time)
         writer.add_scalar("memory/peak_gib", 1.0 + step, step, walltime=wall_time)
+        if step != 2:  # a step whose update was skipped logs no gradient norm
+            writer.add_scalar("grad_norm", 10.0 * step, step, walltime=wall_time)
     writer.close()
-    times, peak_memory, first_step = logged_run(str(tmp_path / "logs"), warmup=2)
+    times, peak_memory, first_step, steps = logged_run(str(tmp_path / "logs"), warmup=2)
     assert times == pytest.approx([2.0, 3.0, 4.0]) and peak_memory == 7.0 and first_step == 100.0
+    assert [step["step"] for step in steps] == [1, 2, 3, 4, 5, 6]
+    assert [step["loss"] for step in steps[:2]] == pytest.approx([0.5, 0.25])
+    assert [step["grad_norm"] for step in steps[:3]] == [10.0, None, 30.0]
 
 
 def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
