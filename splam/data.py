@@ -383,6 +383,10 @@ class LatentSamples:
         return tuple(arrays)
 
 
+def shards(count: int) -> str:
+    return f"{count} shard{'' if count == 1 else 's'}"
+
+
 class ShardDraws:
     """The shards one reader draws in one segment, at random with replacement from its own share
     of them, and when it gives up on what it draws from. It gives up once draws can tell that
@@ -421,7 +425,7 @@ class ShardDraws:
         while True:
             if (self.unusable_draws >= self.DRAWS_PER_SHARD * len(self.pool) if self.usable_seen
                     else self.all_tried(self.tried)):
-                self.give_up(f"no {self.samples.usable} in {self.unusable_draws} shards in a row")
+                self.give_up(f"no {self.samples.usable} in {shards(self.unusable_draws)} in a row")
             url = self.rng.choice(self.pool)
             self.drawn.add(url)
             self.tried.add(url)
@@ -446,7 +450,7 @@ class ShardDraws:
             self.pool = self.all_urls
             self.restart()
             return
-        raise DataError(f"{reason}, drawing from {len(self.pool)} shards (skipped so far: "
+        raise DataError(f"{reason}, drawing from {shards(len(self.pool))} (skipped so far: "
                         f"{self.stats.summary() or 'nothing'}); check {self.samples.flag}")
 
 

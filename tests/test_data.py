@@ -265,7 +265,7 @@ def test_the_shuffle_reads_only_what_the_segment_uses():
 
 def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{j}", "jpg": b"junk", "txt": "x"} for j in range(MAX_UNDECODABLE_IN_A_ROW)])
-    with pytest.raises(DataError, match=r"1000 images in a row could not be used, none before, drawing from 1 shards"):
+    with pytest.raises(DataError, match=r"1000 images in a row could not be used, none before, drawing from 1 shard "):
         next(iter(shard_stream([shard], tokenizer)))
 
 

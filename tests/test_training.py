@@ -75,6 +75,9 @@ def test_a_resume_starts_a_whole_update_whatever_the_saved_accumulation(tmp_path
     accelerator.register_for_checkpointing(lr_scheduler)
     accelerator.step = 4  # two updates of two micro-batches
     accelerator.save_state(str(tmp_path / "checkpoint"))
+    for net in ("unet", "unet_target"):  # what the training script's save hooks add
+        (tmp_path / "checkpoint" / net).mkdir()
+        (tmp_path / "checkpoint" / net / "config.json").write_text("{}")
     try:
         load_checkpoint(accelerator, str(tmp_path / "checkpoint"), optimizer, lr_scheduler, hyperparameters)
         micro_batches = 0
