@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from splam import update_ema
-from splam.args import SetupError, known_tokens, parse_args, public_config, redact_secrets, redact_tokens
+from splam.args import SetupError, known_tokens, one_line, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
     CheckpointError,
     ema_checksums,
@@ -167,7 +167,7 @@ def main(args):
         try:
             publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
-            raise SetupError(f"cannot create the Hub repository {repo_id!r}: {' '.join(str(error).split())}") from error
+            raise SetupError(f"cannot create the Hub repository {repo_id!r}: {one_line(error)}") from error
 
     models = build_distillation_models(args, accelerator, teacher_scheduler)
     optimizer = make_optimizer(args, models.unet.parameters(), learning_rate)
@@ -356,7 +356,7 @@ def main(args):
             )
         except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, no permission
             raise CheckpointError(
-                f"could not write the distilled pipeline into {args.output_dir} ({' '.join(str(error).split())}): "
+                f"could not write the distilled pipeline into {args.output_dir} ({one_line(error)}): "
                 "make room, then --resume_from_checkpoint=latest writes it again from the newest checkpoint"
             ) from error
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")

@@ -23,6 +23,11 @@ class SetupError(Exception):
     """A run that cannot start as configured; reported as one line, before weights are loaded."""
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (the libraries' span several), or its type's name if it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 # The step counts validation and the exported sample grid use (on the --num_ddim_timesteps grid).
 VALIDATION_STEPS = (1, 2, 4)
 # diffusers' schedules but the one that needs a rules string this script has no flag for.

@@ -20,7 +20,7 @@ import shutil
 import torch
 from diffusers import UNet2DConditionModel
 
-from .args import SetupError
+from .args import SetupError, one_line
 from .sharding import whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -166,7 +166,7 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     try:
         accelerator.load_state(checkpoint_path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
-        raise damaged(" ".join(str(error).split()) or type(error).__name__) from error
+        raise damaged(one_line(error)) from error
     accelerator.step = 0
     return apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
 

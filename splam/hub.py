@@ -12,6 +12,8 @@ import os
 
 from huggingface_hub import HfApi
 
+from .args import one_line
+
 logger = logging.getLogger(__name__)
 
 PIPELINE_FILES = [
@@ -72,7 +74,6 @@ class HubPublisher:
                 commit_message="SPLAM-distilled pipeline",
             )
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
-            reason = " ".join(str(error).split())
-            raise HubError(f"uploading the pipeline to {self.repo_id} failed ({reason}); it is complete in "
+            raise HubError(f"uploading the pipeline to {self.repo_id} failed ({one_line(error)}); it is complete in "
                            f"{output_dir}: upload its files listed in the README (Publishing) from there") from error
         return commit.commit_url

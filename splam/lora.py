@@ -38,9 +38,7 @@ def extract_lora(teacher_unet, student_unet, rank: int, bias: bool = True) -> di
             continue
         base = teacher_modules[name]
         delta = module.weight - base.weight
-        bias_delta = None if module.bias is None else module.bias - base.bias
-        if not bias:
-            bias_delta = None
+        bias_delta = None if module.bias is None or not bias else module.bias - base.bias
         if not delta.any() and (bias_delta is None or not bias_delta.any()):
             continue
         A, B = low_rank_factors(delta.reshape(delta.shape[0], -1), rank)

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, LCMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
-from .args import SetupError
+from .args import SetupError, one_line
 from .objective import TIMESTEP_SCALING
 
 
@@ -22,8 +22,7 @@ class TeacherError(SetupError):
 
 def teacher_load_error(args, part: str, error: OSError, hint: str = "") -> TeacherError:
     """One line for a part of the teacher that cannot be loaded (the libraries' messages span several)."""
-    reason = " ".join(str(error).split())
-    return TeacherError(f"cannot load the teacher's {part} from {args.pretrained_teacher_model!r}: {hint}{reason}")
+    return TeacherError(f"cannot load the teacher's {part} from {args.pretrained_teacher_model!r}: {hint}{one_line(error)}")
 
 
 def weight_variants(folder: str) -> list:
@@ -122,9 +121,8 @@ def load_text_encoder_and_vae(args):
         try:
             vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
         except OSError as error:
-            reason = " ".join(str(error).split())
             raise SetupError(f"cannot load the VAE {args.pretrained_vae_model_name_or_path!r} (a VAE's own folder or Hub "
-                             f"id, e.g. a pipeline's vae/ folder): {reason}") from error
+                             f"id, e.g. a pipeline's vae/ folder): {one_line(error)}") from error
     return tokenizer, freeze(text_encoder), freeze(vae)
 
 
