@@ -122,6 +122,14 @@ def make_accelerator(args) -> Accelerator:
     )
 
 
+def tracker_init_kwargs(args) -> dict:
+    """wandb writes its run files into the trackers' folder, beside tensorboard's, rather than into the
+    working directory (its default), unless ``WANDB_DIR`` says where."""
+    if os.environ.get("WANDB_DIR"):
+        return {}
+    return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
+
+
 def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = make_accelerator(args)
@@ -213,7 +221,8 @@ def main(args):
     register_unet_hooks(accelerator, target_unet)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=public_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=public_config(args),
+                                  init_kwargs=tracker_init_kwargs(args))
 
     # What fixes the data stream: any change makes the batches after a resume differ from those
     # of an uninterrupted run.

@@ -5,6 +5,7 @@ that the seed README's command runs unchanged.
 """
 
 import argparse
+import importlib.util
 import os
 import re
 
@@ -33,6 +34,8 @@ VALIDATION_STEPS = (1, 2, 4)
 # diffusers' schedules but the one that needs a rules string this script has no flag for.
 LR_SCHEDULES = [schedule.value for schedule in SchedulerType if schedule != SchedulerType.PIECEWISE_CONSTANT]
 TRACKERS = (*(tracker.value for tracker in LoggerType), "none")
+# The characters wandb refuses in a project name.
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
 
 # Keys that must never reach a tracker, a log line or a written file.
 SECRET_ARGS = ("hub_token",)
@@ -196,6 +199,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if unknown or ("none" in trackers and len(trackers) > 1):
         parser.error(f"--report_to takes one or more of {', '.join(TRACKERS[:-1])}, or none alone; got {args.report_to!r}")
     args.report_to = ",".join(trackers)
+    # wandb refuses such a name only when its run starts, after the weights have loaded.
+    name = args.tracker_project_name
+    if ("wandb" in trackers or ("all" in trackers and importlib.util.find_spec("wandb"))) and (
+            len(name) > 128 or any(char in name for char in WANDB_PROJECT_FORBIDDEN)):
+        parser.error(f"--tracker_project_name {name!r} is no wandb project name: at most 128 "
+                     f"characters, none of {WANDB_PROJECT_FORBIDDEN}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     for name in ("max_train_steps", "max_train_samples", "num_train_epochs", "nccl_timeout"):

@@ -359,6 +359,7 @@ CASES = {
     "no clipping norm": (["--max_grad_norm=0"], "--max_grad_norm must be positive"),
     "lr schedule without its rules": (["--lr_scheduler=piecewise_constant"], "--lr_scheduler: invalid choice"),
     "tracker": (["--report_to=tensorboard,none"], "--report_to takes one or more of"),
+    "wandb project name": (["--report_to=wandb", "--tracker_project_name=team/splam"], "is no wandb project name"),
     "foreign checkpoint folder": (["MKDIR={tmp}/out/checkpoint-99", "--resume_from_checkpoint=latest"],
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),

@@ -216,8 +216,8 @@ def test_output_is_an_lcm_pipeline_whose_unet_is_the_ema_target(resumed_run):
 
 def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_shards, tmp_path):
     output_dir = str(tmp_path / "fp16")
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
-               HF_TOKEN="hf_EnvironmentTokenThatMustNotLeak")
+    env = {key: value for key, value in os.environ.items() if key != "WANDB_DIR"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_TOKEN="hf_EnvironmentTokenThatMustNotLeak")
     # The shard command carries credentials, as a gated dataset's curl command does (cat ignores them).
     basic = "dXNlcjpwYXNzd29yZA=="
     shards = (f"pipe:cat {tiny_shards} # -H 'Authorization: Basic {basic}' "
@@ -231,7 +231,8 @@ def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_
     )
     images = sorted(os.listdir(os.path.join(output_dir, "validation", "step-2")))
     assert images == sorted(f"{net}-{steps}step-{i}.png" for net in ("online", "target") for steps in (1, 2, 4) for i in (0, 1))
-    wandb_runs = glob.glob(os.path.join(str(tmp_path), "wandb", "offline-run-*"))
+    # Without WANDB_DIR, wandb's run goes beside tensorboard's logs, not into the working directory.
+    wandb_runs = glob.glob(os.path.join(output_dir, "logs", "wandb", "offline-run-*"))
     assert len(wandb_runs) == 1
     run_record = open(glob.glob(os.path.join(wandb_runs[0], "run-*.wandb"))[0], "rb").read()
     assert b"w_scale" in run_record and b"validation/target/2-step" in run_record
@@ -395,3 +396,14 @@ def test_zero_init_is_refused_for_a_teacher_that_has_the_projection(tiny_teacher
     teacher = UNet2DConditionModel.from_config(config, time_cond_proj_dim=16)
     with pytest.raises(TeacherError, match="has a time-conditioning projection already"):
         build_student(args, teacher)
+
+
+def test_wandb_writes_into_the_logging_dir_unless_wandb_dir_says_where(monkeypatch):
+    from train_splam_distill_sd_wds import tracker_init_kwargs
+
+    args = parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar",
+                       "--output_dir=run", "--logging_dir=trackers", "--max_train_steps=1"])
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    assert tracker_init_kwargs(args) == {"wandb": {"dir": os.path.join("run", "trackers")}}
+    monkeypatch.setenv("WANDB_DIR", "/elsewhere")
+    assert tracker_init_kwargs(args) == {}
