@@ -1,6 +1,7 @@
 """Loading the teacher's parts and building the student and target UNets (SPEC section 1)."""
 
 import copy
+import logging
 import os
 import re
 
@@ -11,6 +12,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from .args import SetupError, one_line
 from .objective import TIMESTEP_SCALING
 
+
+logger = logging.getLogger(__name__)
 
 # A weight file of a variant: model.fp16.safetensors, diffusion_pytorch_model.fp16.bin.
 VARIANT_FILE = re.compile(r"^.+\.(\w+)\.(?:safetensors|bin)$")
@@ -127,8 +130,17 @@ def load_text_encoder_and_vae(args):
 
 
 def load_teacher_unet(args) -> UNet2DConditionModel:
-    """The frozen teacher UNet, on the CPU in float32."""
-    return freeze(load_teacher_part(args, UNet2DConditionModel, "unet"))
+    """The frozen teacher UNet, on the CPU in float32.
+
+    A UNet with a time-conditioning input of its own (an LCM's guidance embedding) is called
+    without it, as SPLAM's teacher is a classifier-free-guided model: the input then adds
+    nothing, which is not how such a model samples, so the log says so."""
+    teacher_unet = load_teacher_part(args, UNet2DConditionModel, "unet")
+    if teacher_unet.config.time_cond_proj_dim is not None:
+        logger.warning(f"the teacher's UNet takes a time-conditioning input (time_cond_proj_dim="
+                       f"{teacher_unet.config.time_cond_proj_dim}, as an LCM's guidance embedding is); the teacher "
+                       "is called without it, as a classifier-free-guided model, and the student starts from its weights")
+    return freeze(teacher_unet)
 
 
 def store_autocast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -398,6 +398,25 @@ def test_zero_init_is_refused_for_a_teacher_that_has_the_projection(tiny_teacher
         build_student(args, teacher)
 
 
+@pytest.mark.parametrize("time_cond_proj_dim", [None, 16])
+def test_a_teacher_with_its_own_time_conditioning_is_named_in_the_log(tiny_teacher, tmp_path, caplog,
+                                                                       time_cond_proj_dim):
+    import shutil
+
+    from splam.models import load_teacher_unet
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(tiny_teacher, teacher)
+    config = UNet2DConditionModel.load_config(tiny_teacher, subfolder="unet")
+    UNet2DConditionModel.from_config(config, time_cond_proj_dim=time_cond_proj_dim).save_pretrained(
+        os.path.join(teacher, "unet"))
+    args = parse_args(["--pretrained_teacher_model", teacher, "--train_shards_path_or_url", "unused.tar",
+                       "--max_train_steps=1"])
+    with caplog.at_level("WARNING", logger="splam.models"):
+        load_teacher_unet(args)
+    assert ("the teacher is called without it" in caplog.text) == (time_cond_proj_dim is not None)
+
+
 def test_wandb_writes_into_the_logging_dir_unless_wandb_dir_says_where(monkeypatch):
     from train_splam_distill_sd_wds import tracker_init_kwargs
 
