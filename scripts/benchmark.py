@@ -86,13 +86,15 @@ from splam.training import (  # noqa: E402
 # Per mode: the flag that names the training data, and the speed flags. ``readme-adamw`` is the
 # README's command with torch's AdamW, as the authors' script was timed (without bitsandbytes):
 # the mode whose math matches that baseline. ``readme-adamw-fast`` is that math with every speed
-# option that leaves it unchanged (no gradient checkpointing, which only saves memory). The fast
-# modes train from precomputed latents, whose crop and flip are fixed per sample; ``fast-eager``
-# is the fast mode without torch.compile (which spends minutes compiling).
+# option that leaves it unchanged (no gradient checkpointing, which only saves memory), and
+# ``readme-adamw-fast-eager`` the same without torch.compile (which spends minutes compiling), the
+# baseline that says what compilation gains. The fast modes train from precomputed latents, whose
+# crop and flip are fixed per sample; ``fast-eager`` is the fast mode without torch.compile.
 MODES = {
     "readme": ("--train_shards_path_or_url", ["--gradient_checkpointing", "--use_8bit_adam"]),
     "readme-adamw": ("--train_shards_path_or_url", ["--gradient_checkpointing"]),
     "readme-adamw-fast": ("--train_shards_path_or_url", ["--channels_last", "--torch_compile"]),
+    "readme-adamw-fast-eager": ("--train_shards_path_or_url", ["--channels_last"]),
     "fast": ("--train_latents_path_or_url", ["--channels_last", "--torch_compile"]),
     "fast-eager": ("--train_latents_path_or_url", ["--channels_last"]),
 }

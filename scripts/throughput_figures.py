@@ -11,7 +11,10 @@ end on shards but the last three:
   timed with, which the throughput goal compares against;
 - ``readme-adamw-fast-frozen-shards`` and ``readme-adamw-fast-shards``: that math with the speed
   options that keep it, with the nets that run without gradients compiled, then all of them
-  (minutes of compilation before the first step);
+  (minutes of compilation before the first step), and ``readme-adamw-fast-eager-shards``, none
+  compiled (what compilation gains is the difference);
+- ``readme-adamw-small-shards``: the first row at the small batch (4), which says whether the
+  step at batch 12 is bound by the host (then about as slow) or by the GPU (then about 3x faster);
 - ``readme-shards``: the README's flags as written (8-bit Adam);
 - ``fast-shards`` and ``fast-eager-shards``: from precomputed latents, compiled and not;
 - ``readme-24gb``: the README's flags at batch 4 (does it fit a 24 GB card?);
@@ -56,6 +59,8 @@ def rows(options):
         "readme-adamw-shards": row("readme-adamw", *shards),
         "readme-adamw-fast-frozen-shards": row("readme-adamw-fast", *shards, "--torch_compile=frozen"),
         "readme-adamw-fast-shards": row("readme-adamw-fast", *shards),
+        "readme-adamw-fast-eager-shards": row("readme-adamw-fast-eager", *shards),
+        "readme-adamw-small-shards": row("readme-adamw", *shards, batch_size=options.small_batch_size),
         "readme-shards": row("readme", *shards),
         "fast-shards": row("fast", *shards),
         "fast-eager-shards": row("fast-eager", *shards),
@@ -119,7 +124,7 @@ def main():
     parser.add_argument("--preset", choices=["tiny", "sd15"], default="sd15")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=12, help="The README's batch.")
-    parser.add_argument("--small_batch_size", type=int, default=4, help="The batch of the 24 GB check.")
+    parser.add_argument("--small_batch_size", type=int, default=4, help="The batch of the 24 GB check and of the host-or-GPU check.")
     parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
     parser.add_argument("--teacher_dir", default=None, help="Shared by the rows (default: a folder in the temp dir).")
     parser.add_argument("--timeout", type=float, default=None, help="Seconds allowed per row.")

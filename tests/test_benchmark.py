@@ -89,9 +89,10 @@ def test_the_fast_mode_of_the_authors_math_changes_only_options_that_keep_it():
         options = types.SimpleNamespace(mode=mode, resolution=512, batch_size=12, mixed_precision="fp16")
         return vars(training_args("teacher", options, "shards.tar", "--max_train_steps=1"))
 
-    exact, fast = parsed("readme-adamw"), parsed("readme-adamw-fast")
+    exact, fast, eager = parsed("readme-adamw"), parsed("readme-adamw-fast"), parsed("readme-adamw-fast-eager")
     assert {name for name in exact if exact[name] != fast[name]} == {"gradient_checkpointing", "channels_last", "torch_compile"}
     assert not fast["gradient_checkpointing"] and fast["channels_last"] and fast["torch_compile"] == "all"
+    assert {name for name in fast if fast[name] != eager[name]} == {"torch_compile"} and eager["torch_compile"] is None
 
 
 def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
