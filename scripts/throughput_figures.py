@@ -128,6 +128,8 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=None, help="The card's peak rate, for the floor.")
     parser.add_argument("--teacher_dir", default=None, help="Shared by the rows (default: a folder in the temp dir).")
     parser.add_argument("--timeout", type=float, default=None, help="Seconds allowed per row.")
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per row (default: benchmark.py's).")
+    parser.add_argument("--warmup", type=int, default=None, help="Untimed steps per row (default: benchmark.py's).")
     parser.add_argument("--total_timeout", type=float, default=None,
                         help="Seconds allowed for all rows, the teacher's build included: each row gets at most "
                              f"what is left, and none starts with under {MIN_ROW_SECONDS} s left (for a machine "
@@ -144,12 +146,14 @@ def main():
     os.makedirs(options.out_dir, exist_ok=True)
     # Built before the rows, so that no row's timeout cuts the build short.
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    peak = ["--peak_tflops", str(options.peak_tflops)] if options.peak_tflops else []
+    common = [*(["--peak_tflops", str(options.peak_tflops)] if options.peak_tflops else []),
+              *(["--steps", str(options.steps)] if options.steps is not None else []),
+              *(["--warmup", str(options.warmup)] if options.warmup is not None else [])]
     results, failed = [], []
     with open(os.path.join(options.out_dir, "benchmark.log"), "a") as log:
         for name in names:
             out = os.path.join(options.out_dir, f"{name}.json")
-            flags = [*available[name], *peak, *(["--", *extra] if extra else [])]
+            flags = [*available[name], *common, *(["--", *extra] if extra else [])]
             command = [sys.executable, BENCHMARK, "--teacher_dir", teacher_dir, "--out", out, *flags]
             timeout = options.timeout
             if deadline is not None:

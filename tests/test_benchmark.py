@@ -244,10 +244,11 @@ def test_the_figures_script_runs_its_rows_and_prints_the_table(tiny_teacher, tmp
     out_dir = tmp_path / "figures"
     result = run_script("scripts/throughput_figures.py", "--out_dir", str(out_dir), "--preset", "tiny",
                         "--teacher_dir", tiny_teacher, "--resolution", str(RESOLUTION), "--batch_size", "2", "--small_batch_size", "1",
-                        "--rows", "readme-24gb,readme-step", "--", "--dataloader_num_workers=1")
+                        "--rows", "readme-24gb,readme-step", "--steps", "2", "--warmup", "0", "--", "--dataloader_num_workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.load(open(out_dir / "figures.json"))
     assert [(row["row"], row["batch_size"]) for row in figures] == [("readme-24gb", 1), ("readme-step", 2)]
+    assert [len(row["step_seconds"]) for row in figures] == [2, 2]
     table = (out_dir / "table.md").read_text()
     assert table in result.stdout and table.count("`scripts/benchmark.py --preset tiny") == 2
 
