@@ -426,3 +426,17 @@ def test_wandb_writes_into_the_logging_dir_unless_wandb_dir_says_where(monkeypat
     assert tracker_init_kwargs(args) == {"wandb": {"dir": os.path.join("run", "trackers")}}
     monkeypatch.setenv("WANDB_DIR", "/elsewhere")
     assert tracker_init_kwargs(args) == {}
+
+
+def test_the_logged_loss_of_an_accumulated_update_is_the_mean_of_its_micro_batches(tiny_teacher, tiny_shards, tmp_path):
+    """With the learning rate at 0 the nets stay as they start, so the two steps of a run without
+    accumulation see what the two micro-batches of one accumulated update see (the same batches and
+    random draws, in the same order): the update logs their mean."""
+    accumulated, single = str(tmp_path / "accumulated"), str(tmp_path / "single")
+    launch(tiny_teacher, tiny_shards, accumulated, "--learning_rate=0", "--gradient_accumulation_steps=2",
+           "--max_train_steps=1")
+    launch(tiny_teacher, tiny_shards, single, "--learning_rate=0", "--max_train_steps=2")
+    micro_batch_losses = logged_scalars(single, "loss")[0]
+    assert micro_batch_losses[1] != pytest.approx(micro_batch_losses[2], rel=1e-3)
+    assert logged_scalars(accumulated, "loss")[0][1] == pytest.approx(
+        (micro_batch_losses[1] + micro_batch_losses[2]) / 2, rel=1e-5)
