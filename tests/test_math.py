@@ -233,3 +233,56 @@ def test_gamma_sampling_one_makes_the_student_input_lcms(rng):
     assert torch.equal(x_g, x_s) and torch.allclose(sigma_g, s_s)
     with pytest.raises(ValueError):
         sample_gamma(2, "cpu", 4, "half")
+
+
+def test_solver_alpha_sigma_tables_match_float64():
+    """``a(t) = sqrt(alphas_cumprod[t])`` and ``s(t) = sqrt(1 - alphas_cumprod[t])`` at the training's
+    timesteps, t = 0 included (the other tests take them from their own float64 table)."""
+    acp64 = float64_alphas_cumprod()
+    solver = DDIMSolver(torch.tensor(acp64, dtype=torch.float32), 1000, 50)
+    t = torch.tensor([0, 19, 500, 999])
+    alpha, sigma = solver.alpha_sigma(t, 4)
+    assert alpha.shape == sigma.shape == (4, 1, 1, 1)
+    np.testing.assert_allclose(alpha.flatten().numpy(), np.sqrt(acp64[t.numpy()]), rtol=1e-6)
+    np.testing.assert_allclose(sigma.flatten().numpy(), np.sqrt(1 - acp64[t.numpy()]), rtol=1e-4)  # float32 1 - acp near t = 0
+
+
+@pytest.mark.parametrize("num_ddim", [50, 30])
+def test_the_exported_sampler_steps_like_the_training_endpoint_at_gamma_one(rng, num_ddim):
+    """Each LCMScheduler step of the exported sampler (1, 2 and 4 steps) forms the endpoint the
+    student was trained to give at gamma = 1: ``c_skip(t) x + c_out(t) (x - s(t) eps) / a(t)``, and
+    noises it to the next timestep of the grid with ``alphas_cumprod`` of that timestep."""
+    teacher = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    sampler = lcm_scheduler(teacher.config, num_ddim)
+    solver = DDIMSolver(teacher.alphas_cumprod, 1000, num_ddim)
+    for steps in (1, 2, 4):
+        sampler.set_timesteps(steps)
+        timesteps = sampler.timesteps.tolist()
+        assert set(timesteps) <= set(solver.ddim_timesteps.tolist())
+        x = torch.tensor(rng.standard_normal((1, 4, 4, 4)))
+        for k, t in enumerate(timesteps):
+            eps = torch.tensor(rng.standard_normal((1, 4, 4, 4)))
+            out = sampler.step(eps, t, x, generator=torch.Generator().manual_seed(k))
+            alpha, sigma = solver.alpha_sigma(torch.tensor([t]), 4)
+            c_skip, c_out = scalings_for_boundary_conditions(torch.tensor(float(t), dtype=torch.float64))
+            expected = consistency_output(x, predicted_origin(eps, x, alpha.double(), sigma.double()), c_skip, c_out)
+            torch.testing.assert_close(out.denoised, expected, rtol=1e-6, atol=1e-6)
+            if k + 1 < len(timesteps):
+                # prev_sample = sqrt(acp[t_next]) * denoised + sqrt(1 - acp[t_next]) * fresh noise
+                acp_next = teacher.alphas_cumprod[timesteps[k + 1]].double()
+                noise = (out.prev_sample - acp_next.sqrt() * out.denoised) / (1 - acp_next).sqrt()
+                assert abs(noise.std().item() - 1.0) < 0.5  # unit noise, not a rescaled denoised sample
+            else:
+                torch.testing.assert_close(out.prev_sample, out.denoised)
+            x = out.prev_sample
+
+
+def test_ema_update_of_a_half_precision_student_matches_formula():
+    """The per-tensor path (DeepSpeed's half student against the fp32 target): same formula."""
+    target = [torch.randn(3, 3), torch.randn(5)]
+    online = [torch.randn(3, 3).bfloat16(), torch.randn(5).bfloat16()]
+    expected = [0.95 * t + 0.05 * o.float() for t, o in zip(target, online)]
+    update_ema(target, online, 0.95)
+    for result, reference in zip(target, expected):
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result, reference)
