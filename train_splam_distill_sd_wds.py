@@ -27,7 +27,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from safetensors import SafetensorError
@@ -37,6 +37,7 @@ from splam import update_ema
 from splam.args import SetupError, known_tokens, one_line, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
     CheckpointError,
+    check_student_architecture,
     ema_checksums,
     load_checkpoint,
     optimizer_hyperparameters,
@@ -130,6 +131,22 @@ def tracker_init_kwargs(args) -> dict:
     return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
 
 
+def start_trackers(accelerator, args) -> None:
+    """Start the trackers on the main process, before any weight is loaded: a tracker that cannot
+    start (wandb without a login or API key, a logging folder that cannot be written) stops the
+    run with one line on every process."""
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            accelerator.init_trackers(args.tracker_project_name, config=public_config(args),
+                                      init_kwargs=tracker_init_kwargs(args))
+        except Exception as error:  # each tracker library raises its own errors
+            answer = [f"--report_to={args.report_to}: the trackers cannot start ({one_line(error)})"]
+    broadcast_object_list(answer)
+    if answer[0] is not None:
+        raise SetupError(answer[0])
+
+
 def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = make_accelerator(args)
@@ -169,6 +186,8 @@ def main(args):
         raise SetupError(f"--lr_scheduler polynomial decays the learning rate to {POLYNOMIAL_LR_END}: "
                          f"it must start above that, got {learning_rate}")
     teacher_scheduler = load_teacher_scheduler(args)
+    if resume_path is not None:
+        check_student_architecture(resume_path, args)
     publisher = None
     if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
@@ -177,9 +196,11 @@ def main(args):
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
             raise SetupError(f"cannot create the Hub repository {repo_id!r}: {one_line(error)}") from error
 
+    args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
+    start_trackers(accelerator, args)
+
     models = build_distillation_models(args, accelerator, teacher_scheduler)
     optimizer = make_optimizer(args, models.unet.parameters(), learning_rate)
-    args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
 
     # The stream is cut into segments of one checkpoint interval, so a resume starts a segment.
     batches_per_segment = args.checkpointing_steps * args.gradient_accumulation_steps
@@ -219,10 +240,6 @@ def main(args):
     unet, target_unet = models.unet, models.target_unet
     autocast = mixed_precision_autocast(accelerator)
     register_unet_hooks(accelerator, target_unet)
-
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=public_config(args),
-                                  init_kwargs=tracker_init_kwargs(args))
 
     # What fixes the data stream: any change makes the batches after a resume differ from those
     # of an uninterrupted run.
@@ -301,11 +318,6 @@ def main(args):
         nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row:
             logger.warning(f"Step {global_step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-            if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
-                    "lower --learning_rate or check the teacher and the data"
-                )
         logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "data/skipped": skipped, "data/repaired": repaired}
         if grad_norm_value is not None:
             logs["grad_norm"] = grad_norm_value
@@ -313,6 +325,12 @@ def main(args):
             logs["memory/peak_gib"] = torch.cuda.max_memory_allocated() / 2**30  # allocator statistics: no sync
         progress_bar.set_postfix(loss=logs["loss"], lr=logs["lr"])
         accelerator.log(logs, step=global_step)
+        # After the step is logged: the trackers show every step the message counts.
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (--max_nonfinite_steps); "
+                "lower --learning_rate or check the teacher and the data"
+            )
 
         if global_step % args.checkpointing_steps == 0:
             all_data_stats = data_stats.summed_over_processes()

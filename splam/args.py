@@ -171,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse inconsistent or out-of-range flags with one line, before anything is loaded."""
-    if args.resolution % 8 != 0:
-        parser.error(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if args.resolution % 8 != 0 or args.resolution < 8:
+        parser.error(f"--resolution must be a multiple of 8, at least 8, got {args.resolution}")
     if not 0.0 <= args.ema_decay < 1.0:
         parser.error(f"--ema_decay must lie in [0, 1), got {args.ema_decay}")
     if args.learning_rate < 0:
@@ -191,7 +191,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("adam_weight_decay", "lr_warmup_steps"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("adam_epsilon", "max_grad_norm"):
+    for name in ("adam_epsilon", "max_grad_norm", "lr_power"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     trackers = [name.strip() for name in args.report_to.split(",")]

@@ -62,6 +62,27 @@ def read_training_state(checkpoint_path: str) -> dict:
     return training_state
 
 
+def check_student_architecture(checkpoint_path: str, args) -> None:
+    """Refuse, before any weight is loaded, a checkpoint whose student has another architecture than
+    this run's would have (another teacher, or another --unet_time_cond_proj_dim): loading it fails
+    on the first mismatched tensor, which would read as a damaged checkpoint. A checkpoint without
+    ``unet/config.json`` is left to ``load_checkpoint``, which reports it as damaged."""
+    saved_path = os.path.join(checkpoint_path, "unet", "config.json")
+    if not os.path.isfile(saved_path):
+        return
+    with open(saved_path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    teacher = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+                                               revision=args.teacher_revision, cache_dir=args.cache_dir)
+    expected = {**teacher, "time_cond_proj_dim": teacher.get("time_cond_proj_dim") or args.unet_time_cond_proj_dim}
+    changed = [f"{key} {saved[key]} -> {value}" for key, value in sorted(expected.items())
+               if not key.startswith("_") and key in saved and saved[key] != value]
+    if changed:
+        raise SetupError(f"{checkpoint_path} holds a student of another architecture than this run's "
+                         f"({'; '.join(changed)}): resume it with the teacher and --unet_time_cond_proj_dim "
+                         "it was trained with")
+
+
 def check_finite(module, name: str) -> None:
     for parameter_name, parameter in module.named_parameters():
         if not torch.isfinite(parameter).all():

@@ -90,7 +90,17 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
         lcm_scheduler(scheduler.config, args.num_ddim_timesteps)
     except NotImplementedError as error:  # a beta schedule DDPM knows and LCM does not
         raise TeacherError(f"the distilled model's LCMScheduler cannot follow the teacher's schedule: {error}") from error
+    if args.pretrained_vae_model_name_or_path is not None:
+        try:  # its config only: a wrong folder or id is found before the text encoder's weights load
+            AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        except OSError as error:
+            raise vae_load_error(args, error) from error
     return scheduler
+
+
+def vae_load_error(args, error: OSError) -> SetupError:
+    return SetupError(f"cannot load the VAE {args.pretrained_vae_model_name_or_path!r} (a VAE's own folder or Hub "
+                      f"id, e.g. a pipeline's vae/ folder): {one_line(error)}")
 
 
 # The keys of a scheduler config that fix the noise schedule alphas_cumprod.
@@ -124,8 +134,7 @@ def load_text_encoder_and_vae(args):
         try:
             vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
         except OSError as error:
-            raise SetupError(f"cannot load the VAE {args.pretrained_vae_model_name_or_path!r} (a VAE's own folder or Hub "
-                             f"id, e.g. a pipeline's vae/ folder): {one_line(error)}") from error
+            raise vae_load_error(args, error) from error
     return tokenizer, freeze(text_encoder), freeze(vae)
 
 

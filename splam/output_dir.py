@@ -63,7 +63,8 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     """The checkpoint folder to resume from, or ``None`` to start fresh.
 
     ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
-    any other value must be an existing checkpoint folder. With several processes, call it on
+    any other value must be an existing checkpoint folder, as a path or, as in diffusers' training
+    scripts, by its name in ``output_dir`` (``checkpoint-500``). With several processes, call it on
     the main one and broadcast the answer, so that all resume from the same checkpoint.
     """
     if resume_from_checkpoint is None:
@@ -71,6 +72,9 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
+    in_output_dir = os.path.join(output_dir, resume_from_checkpoint)
+    if not os.path.isdir(resume_from_checkpoint) and os.path.isdir(in_output_dir):
+        resume_from_checkpoint = in_output_dir
     if not os.path.isdir(resume_from_checkpoint):
         raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
     if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE)):

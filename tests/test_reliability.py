@@ -177,6 +177,22 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
     assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
 
 
+def test_a_checkpoint_named_as_in_diffusers_scripts_is_found_in_output_dir(tmp_path, monkeypatch):
+    """diffusers' training scripts take --resume_from_checkpoint=checkpoint-500 as the folder of
+    that name in output_dir: the same command finds it here, from any working directory."""
+    from splam.output_dir import resolve_resume_checkpoint
+
+    output_dir = tmp_path / "run"
+    checkpoint = output_dir / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_resume_checkpoint(str(output_dir), "checkpoint-4") == str(checkpoint)
+    assert resolve_resume_checkpoint(str(output_dir), str(checkpoint)) == str(checkpoint)
+    with pytest.raises(SetupError, match="checkpoint-9: no such folder"):
+        resolve_resume_checkpoint(str(output_dir), "checkpoint-9")
+
+
 @pytest.mark.parametrize("content, expected", [
     ({"global_step": 4, "data_segment": 2}, "written by an earlier version of this script, in another format"),
     ({"format": 2, "global_step": 4}, "written by an earlier version of this script, in another format"),
@@ -215,6 +231,24 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards
         assert message and f"cannot resume from {checkpoint}, which is damaged" in message[0] and named in message[0], \
             result.stderr[-3000:]
         assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+
+
+def test_a_resume_with_another_student_architecture_is_refused_not_called_damaged(tiny_teacher, tiny_shards, tmp_path):
+    """A sound checkpoint resumed with another --unet_time_cond_proj_dim: one line that names the
+    flag, before any weight is loaded, not "damaged: move it out of the folder"; the same flags as
+    the checkpoint's still resume."""
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2")
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=3",
+                                          "--checkpointing_steps=2", "--resume_from_checkpoint=latest",
+                                          "--unet_time_cond_proj_dim=128"))
+    assert result.returncode != 0
+    message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert message and "damaged" not in message[0], result.stderr[-3000:]
+    assert "time_cond_proj_dim 256 -> 128" in message[0] and "--unet_time_cond_proj_dim" in message[0], message[0]
+    assert "Loading weights" not in result.stderr, "failed only after loading weights"
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=3", "--checkpointing_steps=2",
+           "--resume_from_checkpoint=latest")
 
 
 def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_teacher, tiny_shards, tmp_path):
@@ -341,6 +375,8 @@ CASES = {
     "missing teacher": (["--pretrained_teacher_model={tmp}/no-such-teacher"], "cannot load the teacher"),
     "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"],
                        "from 'someone/no-such-model': it is no local folder, and the Hub (or, offline, its cache) has no such model"),
+    "vae folder that is not a vae": (["--pretrained_vae_model_name_or_path={tmp}"],
+                                     "cannot load the VAE"),
     "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
     "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
     "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),
@@ -350,6 +386,9 @@ CASES = {
     "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
     "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
     "resolution": (["--resolution=60"], "--resolution must be a multiple of 8"),
+    "resolution zero": (["--resolution=0"], "--resolution must be a multiple of 8, at least 8, got 0"),
+    "polynomial power not positive": (["--lr_scheduler=polynomial", "--lr_power=-1", "--lr_warmup_steps=0"],
+                                      "--lr_power must be positive"),
     "checkpoint limit": (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1"),
     "ema decay": (["--ema_decay=1.0"], "--ema_decay must lie in [0, 1)"),
     "too few sub-paths to sample 4 steps": (["--num_ddim_timesteps=2"], "--num_ddim_timesteps must be at least 4"),
@@ -368,6 +407,9 @@ CASES = {
     "tracker not installed": (["--report_to=tensorboard,mlflow"], "--report_to=mlflow needs mlflow"),
     "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
+    "wandb without a login": (["--report_to=wandb", "ENV=WANDB_MODE=online", "ENV=WANDB_API_KEY=",
+                               "ENV=NETRC={tmp}/no-netrc", "ENV=WANDB_CONFIG_DIR={tmp}"],
+                              "--report_to=wandb: the trackers cannot start (No API key configured"),
 }
 
 
@@ -386,7 +428,7 @@ def bad_argument_command(case, tiny_teacher, tiny_shards, case_dir):
             continue
         if flag.startswith("ENV="):
             name, _, value = flag[4:].partition("=")
-            env[name] = value
+            env[name] = value.format(tmp=case_dir)
             continue
         if "{v_teacher}" in flag:
             flag = flag.format(v_teacher=v_prediction_teacher(tiny_teacher, case_dir))
@@ -439,6 +481,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tiny_teacher, tiny_shards
     assert result.returncode != 0
     assert "error: 3 steps in a row had a non-finite loss or gradient" in result.stderr
     assert result.stderr.count("non-finite loss or gradient, update skipped") == 3
+    # The trackers got all three steps the message counts, the one that stopped the run included.
+    (losses,) = logged_scalars(output_dir, "loss")
+    assert sorted(losses) == [1, 2, 3] and all(np.isnan(value) for value in losses.values()), losses
     # Nothing was learnt, nothing non-finite was saved: the checkpoint's student is the teacher's UNet.
     teacher_weights = load_file(os.path.join(tiny_teacher, "unet", "diffusion_pytorch_model.safetensors"))
     for folder in ("unet", "unet_target"):
