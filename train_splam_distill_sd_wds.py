@@ -37,6 +37,7 @@ from splam import update_ema
 from splam.args import SetupError, known_tokens, one_line, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
     CheckpointError,
+    check_checkpoint_layout,
     check_student_architecture,
     ema_checksums,
     load_checkpoint,
@@ -44,7 +45,8 @@ from splam.checkpoints import (
     register_unet_hooks,
     save_checkpoint,
 )
-from splam.data import DataError, DataStats, ShardStream, make_train_dataloader, train_shard_urls, train_batches, training_samples
+from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, make_train_dataloader, train_shard_urls,
+                        train_batches, training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -103,6 +105,18 @@ def check_accelerate_config(accelerator) -> None:
                          "--torch_compile, which compiles the nets in place, so that checkpoints keep their names")
 
 
+def seed_training_rngs(seed) -> None:
+    """The training RNGs (noise, sub-paths, gamma, the VAE's latent draws), different on every process:
+    ``--seed`` plus the process index, or without ``--seed`` at random. PyTorch seeds each process's
+    CPU generator at random but every CUDA generator with one fixed number (67280421310721), so
+    without a seed all GPUs would draw the same noise, timesteps and gamma for their batches (and
+    every run the same): the CUDA generators take the CPU generator's random seed."""
+    if seed is not None:
+        set_seed(seed, device_specific=True)
+    else:
+        torch.manual_seed(torch.initial_seed())
+
+
 def make_accelerator(args) -> Accelerator:
     process_group = []
     if args.nccl_timeout:
@@ -154,8 +168,7 @@ def main(args):
     for library in (transformers, diffusers):
         (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else library.utils.logging.set_verbosity_error)()
-    if args.seed is not None:
-        set_seed(args.seed, device_specific=True)
+    seed_training_rngs(args.seed)
     # Recorded as run, whether set by the flag or by the accelerate config.
     args.mixed_precision = accelerator.mixed_precision
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
@@ -170,6 +183,8 @@ def main(args):
     shard_urls = train_shard_urls(args)
     # output_lock stays held while main runs: a second run into output_dir is refused.
     resume_path, resume_state, output_lock = claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if resume_path is not None:
+        check_checkpoint_layout(accelerator, resume_path)
     if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
         raise SetupError(
             f"{resume_path} was trained with {resume_state['optimizer']}; resume it with the same --use_8bit_adam setting"
@@ -259,7 +274,7 @@ def main(args):
         samples_seen = resume_state["samples_seen"]
         if accelerator.is_main_process:  # the checkpoint holds all processes' counts
             data_stats.update(resume_state["data_stats"])
-        changed = [name for name, value in data_stream.items() if resume_state["data_stream"][name] != value]
+        changed = data_stream_changes(resume_state["data_stream"], data_stream)
         if changed:
             logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
                            "from an uninterrupted run's, so this resume is not exact")

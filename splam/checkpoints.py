@@ -18,7 +18,9 @@ import re
 import shutil
 
 import torch
+from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .args import SetupError, one_line
 from .sharding import whole_student
@@ -156,6 +158,33 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
     return final_path
 
 
+# Where accelerate keeps the student and the optimizer in a checkpoint, by how the run was distributed:
+# each reads only its own files.
+FSDP, DEEPSPEED, PLAIN = "FSDP", "DeepSpeed", "DDP or one process"
+
+
+def checkpoint_layout(checkpoint_path: str) -> str:
+    """How the run that wrote ``checkpoint_path`` was distributed, from its files: FSDP's student in
+    ``pytorch_model_fsdp*`` (the folder ``pytorch_model_fsdp_0/`` of a sharded state dict, a file of a
+    full or local one), DeepSpeed's engine folder ``pytorch_model/``, or else neither (DDP or one
+    process, any number of processes: the student is in ``unet/``, the optimizer in ``optimizer.bin``)."""
+    if any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint_path)):
+        return FSDP
+    if os.path.isdir(os.path.join(checkpoint_path, "pytorch_model")):
+        return DEEPSPEED
+    return PLAIN
+
+
+def check_checkpoint_layout(accelerator, checkpoint_path: str) -> None:
+    """Refuse, before any weight is loaded, to resume a checkpoint that this run's kind of
+    distribution cannot read (its files are not damaged: they are another launcher's)."""
+    running = {DistributedType.FSDP: FSDP, DistributedType.DEEPSPEED: DEEPSPEED}.get(accelerator.distributed_type, PLAIN)
+    written = checkpoint_layout(checkpoint_path)
+    if written != running:
+        raise SetupError(f"{checkpoint_path} was written under {written}, whose student and optimizer files a run under "
+                         f"{running} cannot read: resume it with the accelerate config it was trained with")
+
+
 # How apply_hyperparameters names the settings it reports.
 HYPERPARAMETER_FLAGS = {"initial_lr": "learning rate", "weight_decay": "--adam_weight_decay",
                         "betas": "--adam_beta1, --adam_beta2", "eps": "--adam_epsilon"}
@@ -188,6 +217,9 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
         accelerator.load_state(checkpoint_path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
         raise damaged(one_line(error)) from error
+    except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint (a BaseException)
+        failures = [failure for failure, _ in error.failures.values()]
+        raise damaged(one_line(failures[0]) if failures else type(error).__name__) from error
     accelerator.step = 0
     return apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
 

@@ -506,6 +506,16 @@ class ShardStream(torch.utils.data.IterableDataset):
             stats.clear()
 
 
+def data_stream_changes(saved: dict, current: dict) -> list:
+    """The names of the settings that fix the data stream (the training script's ``data_stream``) whose
+    values differ between a checkpoint's and this run's. No loader worker (the process reads) and one
+    worker read the same stream: both are reader 0 of 1 in ``ShardStream.worker_shards``."""
+    def reader_count(name, value):
+        return max(1, value) if name == "dataloader_num_workers" else value
+
+    return [name for name, value in current.items() if reader_count(name, saved[name]) != reader_count(name, value)]
+
+
 def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bool):
     """A loader over one segment of ``dataset`` per pass. Workers are started afresh for each
     pass so that they see the segment set on the dataset, and the loader's own generator keeps

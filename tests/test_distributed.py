@@ -4,15 +4,21 @@ them, and DeepSpeed ZeRO-2 on one process."""
 import io
 import json
 import os
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 import webdataset as wds
+from accelerate.utils import DistributedType
 from PIL import Image
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers import CLIPTokenizer
 
-from splam.data import ImageTextSamples, ImageTransform, ShardStream, make_train_dataloader, train_batches
+from splam.args import SetupError
+from splam.checkpoints import CheckpointError, check_checkpoint_layout, load_checkpoint
+from splam.data import ImageTextSamples, ImageTransform, ShardStream, data_stream_changes, make_train_dataloader, train_batches
 
 from conftest import LEARNING_RATE, REPO_ROOT, RESOLUTION, WARMUP_STEPS, launch, logged_scalars, run_script, training_command
 
@@ -285,3 +291,108 @@ def test_deepspeed_trains_like_a_plain_run_and_resumes_in_bf16(tiny_teacher, tin
     assert len(os.listdir(os.path.join(bf16_dir, "validation", "step-4"))) > 0
     target = UNet2DConditionModel.from_pretrained(bf16_dir, subfolder="unet")
     assert {parameter.dtype for parameter in target.parameters()} == {torch.float32}
+
+
+# A checkpoint written under one kind of distribution (FSDP, DeepSpeed, DDP or one process) and
+# resumed under another is refused as such, before any weight loads, not called damaged; a damaged
+# FSDP checkpoint is refused with one line like any other. No training: folders shaped like accelerate's,
+# with the files its save_state writes for the student and the optimizer, by distribution (FSDP:
+# sharded, full and local state dicts).
+LAYOUTS = {
+    DistributedType.FSDP: [["pytorch_model_fsdp_0/__0_0.distcp", "optimizer_0/__0_0.distcp"],
+                           ["pytorch_model_fsdp.bin", "optimizer.bin"],
+                           ["pytorch_model_fsdp_rank0.bin", "optimizer_0_rank0.bin"]],
+    DistributedType.DEEPSPEED: [["pytorch_model/mp_rank_00_model_states.pt", "latest"]],
+    DistributedType.MULTI_CPU: [["optimizer.bin"]],
+}
+WRITTEN = [(distributed_type, files) for distributed_type, layouts in LAYOUTS.items() for files in layouts]
+
+
+def checkpoint(tmp_path, distributed_type, files=None):
+    path = tmp_path / f"checkpoint-{distributed_type.value}"
+    for name in (files or LAYOUTS[distributed_type][0]) + ["unet/config.json", "unet_target/config.json", "training_state.json"]:
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text("{}")
+    return str(path)
+
+
+def accelerator_for(distributed_type, load_state=None):
+    return types.SimpleNamespace(distributed_type=distributed_type, load_state=load_state)
+
+
+@pytest.mark.parametrize("written, files", WRITTEN)
+@pytest.mark.parametrize("running", list(LAYOUTS) + [DistributedType.NO])
+def test_a_checkpoint_of_another_distribution_is_refused_as_such(tmp_path, written, files, running):
+    path = checkpoint(tmp_path, written, files)
+    plain = {DistributedType.NO, DistributedType.MULTI_CPU}
+    if written == running or {written, running} <= plain:
+        check_checkpoint_layout(accelerator_for(running), path)  # DDP and one process read each other's
+        return
+    with pytest.raises(SetupError, match="was written under .*resume it with the accelerate config it was trained with") as error:
+        check_checkpoint_layout(accelerator_for(running), path)
+    assert "damaged" not in str(error.value)
+
+
+def test_a_damaged_fsdp_checkpoint_is_refused_with_one_line(tmp_path):
+    """torch.distributed.checkpoint reports missing shards as CheckpointException, a BaseException."""
+    def load_state(path):
+        raise CheckpointException("read_metadata", {0: (FileNotFoundError("no such file: __0_0.distcp"), None)})
+
+    path = checkpoint(tmp_path, DistributedType.FSDP)
+    with pytest.raises(CheckpointError, match=f"cannot resume from {path}, which is damaged \\(no such file: __0_0.distcp\\)"):
+        load_checkpoint(accelerator_for(DistributedType.FSDP, load_state), path, None, None, [])
+
+
+# Without --seed every process still draws its own noise, sub-paths and gamma on the GPU: PyTorch
+# seeds each process's CPU generator at random but every CUDA generator with one fixed number.
+FIXED_CUDA_SEED = 67280421310721  # PyTorch's default_rng_seed_val, every fresh CUDA generator's seed
+
+PROGRAM = """
+import sys
+import torch
+sys.path.insert(0, {repo_root!r})
+seeds = []
+torch.cuda.manual_seed_all = seeds.append  # what the CUDA generators would be seeded with (none on this machine)
+from train_splam_distill_sd_wds import seed_training_rngs
+seed_training_rngs(None)
+print(seeds[-1] if seeds else {fixed})
+"""
+
+
+def cuda_seed_of_a_fresh_process():
+    program = PROGRAM.format(repo_root=REPO_ROOT, fixed=FIXED_CUDA_SEED)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split()[-1])
+
+
+def test_without_a_seed_each_process_seeds_its_cuda_generators_apart():
+    first, second = cuda_seed_of_a_fresh_process(), cuda_seed_of_a_fresh_process()
+    assert FIXED_CUDA_SEED not in (first, second)
+    assert first != second
+
+
+# A resume names what changed in the data stream, and only that: no loader worker and one worker
+# read the same stream, so switching between them keeps the resume exact and is not reported.
+SAVED = {"batches_per_segment": 2, "train_batch_size": 2, "gradient_accumulation_steps": 1, "num_processes": 2,
+         "dataloader_num_workers": 0, "shuffle_buffer_size": 1000, "seed": 1, "shards": "{000..002}.tar"}
+
+
+def test_zero_and_one_loader_workers_read_the_same_stream(tiny_teacher, tiny_shards):
+    urls = wds.shardlists.expand_urls(tiny_shards)
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_teacher, subfolder="tokenizer")
+    streams = []
+    for num_workers in (0, 1):
+        stream = ShardStream(urls, ImageTextSamples(ImageTransform(RESOLUTION), tokenizer), batch_size=2,
+                             batches_per_segment=2, shuffle_buffer=8, seed=3, process_index=1, num_processes=2)
+        loader = make_train_dataloader(stream, num_workers=num_workers, pin_memory=False)
+        streams.append([batch[:2] for _, batch in zip(range(3), train_batches(loader, 1))])
+    for (pixels_0, ids_0), (pixels_1, ids_1) in zip(*streams):
+        assert torch.equal(pixels_0, pixels_1) and torch.equal(ids_0, ids_1)
+    assert data_stream_changes(SAVED, {**SAVED, "dataloader_num_workers": 1}) == []
+
+
+def test_a_changed_setting_is_named():
+    assert data_stream_changes(SAVED, {**SAVED, "dataloader_num_workers": 2}) == ["dataloader_num_workers"]
+    assert data_stream_changes(SAVED, {**SAVED, "num_processes": 1, "seed": None}) == ["num_processes", "seed"]
