@@ -49,7 +49,7 @@ from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, 
                         train_batches, training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
-from splam.models import lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
+from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
 from splam.output_dir import claim_output_dir, prepare_output_dir
 from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
 from splam.training import (
@@ -201,6 +201,7 @@ def main(args):
         raise SetupError(f"--lr_scheduler polynomial decays the learning rate to {POLYNOMIAL_LR_END}: "
                          f"it must start above that, got {learning_rate}")
     teacher_scheduler = load_teacher_scheduler(args)
+    check_vae_config(args)
     if resume_path is not None:
         check_student_architecture(resume_path, args)
     publisher = None

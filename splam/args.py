@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint every N optimizer steps.")
     checkpoints.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     checkpoints.add_argument("--resume_from_checkpoint", type=str, default=None,
-                             help='A checkpoint folder, or "latest" for the newest one in output_dir.')
+                             help='A checkpoint folder (a bare name such as checkpoint-500 is one in output_dir), '
+                                  'or "latest" for the newest one in output_dir.')
 
     logging = parser.add_argument_group("logging and validation")
     logging.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to output_dir.")
@@ -188,10 +189,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
-    for name in ("adam_weight_decay", "lr_warmup_steps"):
+    for name in ("adam_weight_decay", "lr_warmup_steps", "lr_power"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("adam_epsilon", "max_grad_norm", "lr_power"):
+    for name in ("adam_epsilon", "max_grad_norm"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     trackers = [name.strip() for name in args.report_to.split(",")]

@@ -67,13 +67,13 @@ def read_training_state(checkpoint_path: str) -> dict:
 def check_student_architecture(checkpoint_path: str, args) -> None:
     """Refuse, before any weight is loaded, a checkpoint whose student has another architecture than
     this run's would have (another teacher, or another --unet_time_cond_proj_dim): loading it fails
-    on the first mismatched tensor, which would read as a damaged checkpoint. A checkpoint without
-    ``unet/config.json`` is left to ``load_checkpoint``, which reports it as damaged."""
-    saved_path = os.path.join(checkpoint_path, "unet", "config.json")
-    if not os.path.isfile(saved_path):
+    on the first mismatched tensor, which would read as a damaged checkpoint. A checkpoint whose
+    ``unet/config.json`` is missing or cut short is left to ``load_checkpoint``, which reports it as damaged."""
+    try:
+        with open(os.path.join(checkpoint_path, "unet", "config.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
         return
-    with open(saved_path, encoding="utf-8") as handle:
-        saved = json.load(handle)
     teacher = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
                                                revision=args.teacher_revision, cache_dir=args.cache_dir)
     expected = {**teacher, "time_cond_proj_dim": teacher.get("time_cond_proj_dim") or args.unet_time_cond_proj_dim}
@@ -163,16 +163,19 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
 FSDP, DEEPSPEED, PLAIN = "FSDP", "DeepSpeed", "DDP or one process"
 
 
-def checkpoint_layout(checkpoint_path: str) -> str:
+def checkpoint_layout(checkpoint_path: str):
     """How the run that wrote ``checkpoint_path`` was distributed, from its files: FSDP's student in
-    ``pytorch_model_fsdp*`` (the folder ``pytorch_model_fsdp_0/`` of a sharded state dict, a file of a
-    full or local one), DeepSpeed's engine folder ``pytorch_model/``, or else neither (DDP or one
-    process, any number of processes: the student is in ``unet/``, the optimizer in ``optimizer.bin``)."""
-    if any(name.startswith("pytorch_model_fsdp") for name in os.listdir(checkpoint_path)):
+    ``pytorch_model_fsdp*`` or its optimizer in ``optimizer_0*`` (folders of a sharded state dict,
+    files of a local one), DeepSpeed's engine folder ``pytorch_model/``, or else DDP or one process
+    (any number of processes: the student is in ``unet/``, the optimizer in ``optimizer.bin``).
+    ``None`` when none of them is there, a checkpoint damaged past telling, which ``load_checkpoint``
+    reports. An FSDP checkpoint of a full state dict that lost its ``pytorch_model_fsdp.bin`` reads as DDP's."""
+    names = os.listdir(checkpoint_path)
+    if any(name.startswith(("pytorch_model_fsdp", "optimizer_0")) for name in names):
         return FSDP
     if os.path.isdir(os.path.join(checkpoint_path, "pytorch_model")):
         return DEEPSPEED
-    return PLAIN
+    return PLAIN if "optimizer.bin" in names else None
 
 
 def check_checkpoint_layout(accelerator, checkpoint_path: str) -> None:
@@ -180,7 +183,7 @@ def check_checkpoint_layout(accelerator, checkpoint_path: str) -> None:
     distribution cannot read (its files are not damaged: they are another launcher's)."""
     running = {DistributedType.FSDP: FSDP, DistributedType.DEEPSPEED: DEEPSPEED}.get(accelerator.distributed_type, PLAIN)
     written = checkpoint_layout(checkpoint_path)
-    if written != running:
+    if written is not None and written != running:
         raise SetupError(f"{checkpoint_path} was written under {written}, whose student and optimizer files a run under "
                          f"{running} cannot read: resume it with the accelerate config it was trained with")
 

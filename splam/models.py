@@ -90,12 +90,17 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
         lcm_scheduler(scheduler.config, args.num_ddim_timesteps)
     except NotImplementedError as error:  # a beta schedule DDPM knows and LCM does not
         raise TeacherError(f"the distilled model's LCMScheduler cannot follow the teacher's schedule: {error}") from error
+    return scheduler
+
+
+def check_vae_config(args) -> None:
+    """Read ``--pretrained_vae_model_name_or_path``'s config, so that a wrong folder or id stops the
+    run before the text encoder's weights load rather than after."""
     if args.pretrained_vae_model_name_or_path is not None:
-        try:  # its config only: a wrong folder or id is found before the text encoder's weights load
+        try:
             AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
         except OSError as error:
             raise vae_load_error(args, error) from error
-    return scheduler
 
 
 def vae_load_error(args, error: OSError) -> SetupError:

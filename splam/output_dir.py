@@ -63,18 +63,18 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
     """The checkpoint folder to resume from, or ``None`` to start fresh.
 
     ``"latest"`` is the newest complete checkpoint in ``output_dir`` (none: start fresh);
-    any other value must be an existing checkpoint folder, as a path or, as in diffusers' training
-    scripts, by its name in ``output_dir`` (``checkpoint-500``). With several processes, call it on
-    the main one and broadcast the answer, so that all resume from the same checkpoint.
+    any other value must be an existing checkpoint folder: a bare name (``checkpoint-500``) is
+    the folder of that name in ``output_dir``, as in diffusers' training scripts, anything else a
+    path. With several processes, call it on the main one and broadcast the answer, so that all
+    resume from the same checkpoint.
     """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
-    in_output_dir = os.path.join(output_dir, resume_from_checkpoint)
-    if not os.path.isdir(resume_from_checkpoint) and os.path.isdir(in_output_dir):
-        resume_from_checkpoint = in_output_dir
+    if os.path.basename(resume_from_checkpoint) == resume_from_checkpoint:
+        resume_from_checkpoint = os.path.join(output_dir, resume_from_checkpoint)
     if not os.path.isdir(resume_from_checkpoint):
         raise SetupError(f"--resume_from_checkpoint {resume_from_checkpoint}: no such folder")
     if not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINING_STATE)):

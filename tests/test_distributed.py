@@ -321,16 +321,24 @@ def accelerator_for(distributed_type, load_state=None):
 
 
 @pytest.mark.parametrize("written, files", WRITTEN)
-@pytest.mark.parametrize("running", list(LAYOUTS) + [DistributedType.NO])
+@pytest.mark.parametrize("running", list(LAYOUTS) + [DistributedType.NO, DistributedType.MULTI_GPU])
 def test_a_checkpoint_of_another_distribution_is_refused_as_such(tmp_path, written, files, running):
     path = checkpoint(tmp_path, written, files)
-    plain = {DistributedType.NO, DistributedType.MULTI_CPU}
+    plain = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
     if written == running or {written, running} <= plain:
         check_checkpoint_layout(accelerator_for(running), path)  # DDP and one process read each other's
         return
     with pytest.raises(SetupError, match="was written under .*resume it with the accelerate config it was trained with") as error:
         check_checkpoint_layout(accelerator_for(running), path)
     assert "damaged" not in str(error.value)
+
+
+@pytest.mark.parametrize("running", [DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MULTI_GPU])
+def test_a_checkpoint_damaged_past_telling_its_distribution_is_left_to_the_damage_check(tmp_path, running):
+    """Its student and optimizer files deleted: "damaged" (load_checkpoint's line), not "another distribution"."""
+    check_checkpoint_layout(accelerator_for(running), checkpoint(tmp_path, DistributedType.NO, files=["random_states_0.pkl"]))
+    sharded_fsdp_without_its_student = checkpoint(tmp_path, DistributedType.FSDP, files=["optimizer_0/__0_0.distcp"])
+    check_checkpoint_layout(accelerator_for(DistributedType.FSDP), sharded_fsdp_without_its_student)
 
 
 def test_a_damaged_fsdp_checkpoint_is_refused_with_one_line(tmp_path):

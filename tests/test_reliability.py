@@ -179,13 +179,15 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
 
 def test_a_checkpoint_named_as_in_diffusers_scripts_is_found_in_output_dir(tmp_path, monkeypatch):
     """diffusers' training scripts take --resume_from_checkpoint=checkpoint-500 as the folder of
-    that name in output_dir: the same command finds it here, from any working directory."""
+    that name in output_dir: the same command finds it here, from any working directory, even one
+    that holds a checkpoint of that name itself."""
     from splam.output_dir import resolve_resume_checkpoint
 
     output_dir = tmp_path / "run"
     checkpoint = output_dir / "checkpoint-4"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "training_state.json").write_text("{}")
+    for folder in (checkpoint, tmp_path / "checkpoint-4"):
+        folder.mkdir(parents=True)
+        (folder / "training_state.json").write_text("{}")
     monkeypatch.chdir(tmp_path)
     assert resolve_resume_checkpoint(str(output_dir), "checkpoint-4") == str(checkpoint)
     assert resolve_resume_checkpoint(str(output_dir), str(checkpoint)) == str(checkpoint)
@@ -217,7 +219,9 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards
     checkpoint = os.path.join(output_dir, "checkpoint-2")
     shutil.copytree(checkpoint, str(tmp_path / "intact"))
     weights = os.path.join(checkpoint, "unet_target", "diffusion_pytorch_model.safetensors")
+    config = os.path.join(checkpoint, "unet", "config.json")
     damages = {"no unet_target/config.json": lambda: shutil.rmtree(os.path.join(checkpoint, "unet_target")),
+               "not a valid JSON file": lambda: os.truncate(config, os.path.getsize(config) // 2),
                "diffusion_pytorch_model.safetensors": lambda: os.truncate(weights, os.path.getsize(weights) // 2),
                "EOFError": lambda: open(os.path.join(checkpoint, "optimizer.bin"), "wb").close()}
     for named, damage in damages.items():
@@ -387,8 +391,8 @@ CASES = {
     "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
     "resolution": (["--resolution=60"], "--resolution must be a multiple of 8"),
     "resolution zero": (["--resolution=0"], "--resolution must be a multiple of 8, at least 8, got 0"),
-    "polynomial power not positive": (["--lr_scheduler=polynomial", "--lr_power=-1", "--lr_warmup_steps=0"],
-                                      "--lr_power must be positive"),
+    "negative polynomial power": (["--lr_scheduler=polynomial", "--lr_power=-1", "--lr_warmup_steps=0"],
+                                  "--lr_power must not be negative"),
     "checkpoint limit": (["--checkpoints_total_limit=0"], "--checkpoints_total_limit must be at least 1"),
     "ema decay": (["--ema_decay=1.0"], "--ema_decay must lie in [0, 1)"),
     "too few sub-paths to sample 4 steps": (["--num_ddim_timesteps=2"], "--num_ddim_timesteps must be at least 4"),
