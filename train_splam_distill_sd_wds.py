@@ -37,8 +37,7 @@ from splam import update_ema
 from splam.args import SetupError, known_tokens, one_line, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
     CheckpointError,
-    check_checkpoint_layout,
-    check_student_architecture,
+    check_resumable,
     ema_checksums,
     load_checkpoint,
     optimizer_hyperparameters,
@@ -183,12 +182,6 @@ def main(args):
     shard_urls = train_shard_urls(args)
     # output_lock stays held while main runs: a second run into output_dir is refused.
     resume_path, resume_state, output_lock = claim_output_dir(accelerator, args.output_dir, args.resume_from_checkpoint)
-    if resume_path is not None:
-        check_checkpoint_layout(accelerator, resume_path)
-    if resume_state is not None and resume_state["optimizer"] != optimizer_name(args):
-        raise SetupError(
-            f"{resume_path} was trained with {resume_state['optimizer']}; resume it with the same --use_8bit_adam setting"
-        )
     if args.resume_from_checkpoint == "latest" and resume_path is None:
         logger.info(f"No checkpoint in {args.output_dir} to resume from: starting a new run.")
     if args.hub_token is not None:
@@ -203,7 +196,7 @@ def main(args):
     teacher_scheduler = load_teacher_scheduler(args)
     check_vae_config(args)
     if resume_path is not None:
-        check_student_architecture(resume_path, args)
+        check_resumable(accelerator, args, resume_path, resume_state, optimizer_name(args))
     publisher = None
     if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))

@@ -188,6 +188,18 @@ def check_checkpoint_layout(accelerator, checkpoint_path: str) -> None:
                          f"{running} cannot read: resume it with the accelerate config it was trained with")
 
 
+def check_resumable(accelerator, args, checkpoint_path: str, training_state: dict, optimizer: str) -> None:
+    """Refuse, before any weight is loaded and with one line, a sound checkpoint this run cannot
+    resume: written under another kind of distribution, with another optimizer (``optimizer``, this
+    run's, as ``training_state`` names it) or for another student architecture. A damaged one is
+    left to ``load_checkpoint``."""
+    check_checkpoint_layout(accelerator, checkpoint_path)
+    if training_state["optimizer"] != optimizer:
+        raise SetupError(f"{checkpoint_path} was trained with {training_state['optimizer']}; resume it with the same "
+                         "--use_8bit_adam setting")
+    check_student_architecture(checkpoint_path, args)
+
+
 # How apply_hyperparameters names the settings it reports.
 HYPERPARAMETER_FLAGS = {"initial_lr": "learning rate", "weight_decay": "--adam_weight_decay",
                         "betas": "--adam_beta1, --adam_beta2", "eps": "--adam_epsilon"}

@@ -12,7 +12,6 @@ from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 from .args import SetupError, one_line
 from .objective import TIMESTEP_SCALING
 
-
 logger = logging.getLogger(__name__)
 
 # A weight file of a variant: model.fp16.safetensors, diffusion_pytorch_model.fp16.bin.

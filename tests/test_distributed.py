@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers import CLIPTokenizer
 
 from splam.args import SetupError
-from splam.checkpoints import CheckpointError, check_checkpoint_layout, load_checkpoint
+from splam.checkpoints import CheckpointError, check_checkpoint_layout, check_resumable, load_checkpoint
 from splam.data import ImageTextSamples, ImageTransform, ShardStream, data_stream_changes, make_train_dataloader, train_batches
 
 from conftest import LEARNING_RATE, REPO_ROOT, RESOLUTION, WARMUP_STEPS, launch, logged_scalars, run_script, training_command
@@ -339,6 +339,17 @@ def test_a_checkpoint_damaged_past_telling_its_distribution_is_left_to_the_damag
     check_checkpoint_layout(accelerator_for(running), checkpoint(tmp_path, DistributedType.NO, files=["random_states_0.pkl"]))
     sharded_fsdp_without_its_student = checkpoint(tmp_path, DistributedType.FSDP, files=["optimizer_0/__0_0.distcp"])
     check_checkpoint_layout(accelerator_for(DistributedType.FSDP), sharded_fsdp_without_its_student)
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_before_the_weights_load(tiny_teacher, tmp_path):
+    from splam.args import parse_args
+
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", "--train_shards_path_or_url=unused.tar",
+                       "--max_train_steps=1"])
+    path = checkpoint(tmp_path, DistributedType.NO, files=["optimizer.bin"])
+    check_resumable(accelerator_for(DistributedType.NO), args, path, {"optimizer": "AdamW"}, "AdamW")
+    with pytest.raises(SetupError, match="was trained with AdamW8bit; resume it with the same --use_8bit_adam setting"):
+        check_resumable(accelerator_for(DistributedType.NO), args, path, {"optimizer": "AdamW8bit"}, "AdamW")
 
 
 def test_a_damaged_fsdp_checkpoint_is_refused_with_one_line(tmp_path):
