@@ -62,7 +62,7 @@ from splam.training import (
     take_optimizer_step,
     total_optimizer_steps,
 )
-from splam.validation import log_validation
+from splam.validation import log_validation, note_trackers_without_images
 
 logger = get_logger(__name__)
 # Where diffusers' polynomial schedule ends (get_scheduler's lr_end).
@@ -207,6 +207,7 @@ def main(args):
 
     args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
     start_trackers(accelerator, args)
+    note_trackers_without_images(accelerator)
 
     models = build_distillation_models(args, accelerator, teacher_scheduler)
     optimizer = make_optimizer(args, models.unet.parameters(), learning_rate)

@@ -189,10 +189,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}")
-    for name in ("adam_weight_decay", "lr_warmup_steps", "lr_power"):
+    for name in ("adam_weight_decay", "lr_warmup_steps", "lr_power", "w_scale"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must not be negative, got {getattr(args, name)}")
-    for name in ("adam_epsilon", "max_grad_norm"):
+    for name in ("adam_epsilon", "max_grad_norm", "huber_c"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name} must be positive, got {getattr(args, name)}")
     trackers = [name.strip() for name in args.report_to.split(",")]

@@ -75,6 +75,16 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
             f"--num_ddim_timesteps {args.num_ddim_timesteps} exceeds the teacher's "
             f"{scheduler.config.num_train_timesteps} training timesteps"
         )
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    step_ratio = num_train_timesteps // args.num_ddim_timesteps
+    never_trained = num_train_timesteps - step_ratio * args.num_ddim_timesteps
+    if never_trained > step_ratio:
+        # More than a sub-path's worth: a grid of 30 on 1000 (top 989) is LCM's usual setting and stays quiet.
+        logger.warning(
+            f"--num_ddim_timesteps {args.num_ddim_timesteps} does not divide the teacher's {num_train_timesteps} "
+            f"timesteps: its grid ends at {step_ratio * args.num_ddim_timesteps - 1}, so the noisiest {never_trained} "
+            f"are never trained (LCMScheduler samples on the same grid); a divisor of {num_train_timesteps} covers them all"
+        )
     if scheduler.config.prediction_type != "epsilon":
         raise TeacherError(
             f"the teacher {args.pretrained_teacher_model} predicts {scheduler.config.prediction_type!r}; "

@@ -6,6 +6,7 @@ was trained to predict there (the authors sampled at the pipeline's default guid
 i.e. at a wrong gamma, SPEC defect 7).
 """
 
+import logging
 import os
 
 import numpy as np
@@ -15,6 +16,11 @@ from PIL import Image
 
 from .args import VALIDATION_STEPS
 from .training import mixed_precision_autocast
+
+logger = logging.getLogger(__name__)
+
+# The trackers send_to_trackers gives images to.
+IMAGE_TRACKERS = ("tensorboard", "wandb")
 
 
 def few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> LatentConsistencyModelPipeline:
@@ -77,6 +83,14 @@ def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, sche
             for index, image in enumerate(step_images):
                 image.save(os.path.join(step_dir, f"{name}-{num_steps}step-{index}.png"))
             send_to_trackers(accelerator, f"validation/{name}/{num_steps}-step", step_images, args.validation_prompts, step)
+
+
+def note_trackers_without_images(accelerator) -> None:
+    """Say which trackers get the validation's scalars but not its images."""
+    blind = [tracker.name for tracker in accelerator.trackers if tracker.name not in IMAGE_TRACKERS]
+    if blind:
+        logger.warning(f"validation images go to <output_dir>/validation/ and to {' and '.join(IMAGE_TRACKERS)} only; "
+                       f"{', '.join(blind)} gets the scalars alone")
 
 
 def send_to_trackers(accelerator, tag: str, images, prompts, step: int) -> None:

@@ -400,6 +400,8 @@ CASES = {
     "adam beta": (["--adam_beta1=1.5"], "--adam_beta1 must lie in [0, 1)"),
     "negative warm-up": (["--lr_warmup_steps=-5"], "--lr_warmup_steps must not be negative"),
     "no clipping norm": (["--max_grad_norm=0"], "--max_grad_norm must be positive"),
+    "huber c zero": (["--loss_type=huber", "--huber_c=0"], "--huber_c must be positive"),
+    "negative guidance": (["--w_scale=-2"], "--w_scale must not be negative"),
     "lr schedule without its rules": (["--lr_scheduler=piecewise_constant"], "--lr_scheduler: invalid choice"),
     "tracker": (["--report_to=tensorboard,none"], "--report_to takes one or more of"),
     "wandb project name": (["--report_to=wandb", "--tracker_project_name=team/splam"], "is no wandb project name"),

@@ -417,6 +417,52 @@ def test_a_teacher_with_its_own_time_conditioning_is_named_in_the_log(tiny_teach
     assert ("the teacher is called without it" in caplog.text) == (time_cond_proj_dim is not None)
 
 
+@pytest.mark.parametrize("num_ddim_timesteps, never_trained", [(50, 0), (30, 0), (300, 100), (600, 400)])
+def test_a_grid_that_leaves_the_noisiest_timesteps_untrained_is_named(tiny_teacher, caplog, num_ddim_timesteps,
+                                                                      never_trained):
+    from splam.models import load_teacher_scheduler
+
+    args = parse_args(["--pretrained_teacher_model", tiny_teacher, "--train_shards_path_or_url", "unused.tar",
+                       "--max_train_steps=1", f"--num_ddim_timesteps={num_ddim_timesteps}"])
+    with caplog.at_level("WARNING", logger="splam.models"):
+        load_teacher_scheduler(args)
+    # 30 leaves 10 of 1000 (a sub-path is 33 long): too few to mention.
+    assert (f"the noisiest {never_trained} are never trained" in caplog.text) == (never_trained > 0)
+
+
+def test_trackers_that_get_no_validation_images_are_named(tmp_path, caplog):
+    from accelerate import Accelerator
+    from accelerate.tracking import GeneralTracker
+
+    from splam.validation import note_trackers_without_images
+
+    class ScalarsOnly(GeneralTracker):
+        name = "scalars-only"
+        requires_logging_directory = False
+
+        def __init__(self):
+            super().__init__()
+
+        @property
+        def tracker(self):
+            return None
+
+        def store_init_configuration(self, values):
+            pass
+
+        def log(self, values, step=None, **kwargs):
+            pass
+
+    for trackers, named in ((["tensorboard"], False), (["tensorboard", ScalarsOnly()], True)):
+        accelerator = Accelerator(cpu=True, log_with=trackers, project_dir=str(tmp_path))
+        accelerator.init_trackers("splam")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="splam.validation"):
+            note_trackers_without_images(accelerator)
+        assert ("scalars-only gets the scalars alone" in caplog.text) == named
+        accelerator.end_training()
+
+
 def test_wandb_writes_into_the_logging_dir_unless_wandb_dir_says_where(monkeypatch):
     from train_splam_distill_sd_wds import tracker_init_kwargs
 
