@@ -146,9 +146,8 @@ def main():
     os.makedirs(options.out_dir, exist_ok=True)
     # Built before the rows, so that no row's timeout cuts the build short.
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    common = [*(["--peak_tflops", str(options.peak_tflops)] if options.peak_tflops else []),
-              *(["--steps", str(options.steps)] if options.steps is not None else []),
-              *(["--warmup", str(options.warmup)] if options.warmup is not None else [])]
+    passed_on = {"--peak_tflops": options.peak_tflops, "--steps": options.steps, "--warmup": options.warmup}
+    common = [word for flag, value in passed_on.items() if value is not None for word in (flag, str(value))]
     results, failed = [], []
     with open(os.path.join(options.out_dir, "benchmark.log"), "a") as log:
         for name in names:
