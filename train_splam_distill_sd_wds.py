@@ -344,6 +344,18 @@ def main(args):
                 "lower --learning_rate or check the teacher and the data"
             )
 
+        # Before the checkpoint: a run killed while it samples resumes from the checkpoint before and
+        # samples this step again, where one resumed from this step's checkpoint would never sample it.
+        if global_step % args.validation_steps == 0:
+            student = whole_student(accelerator, unet)
+            if accelerator.is_main_process:
+                log_validation(
+                    accelerator, {"target": target_unet, "online": student.to(accelerator.device)},
+                    models.vae, models.text_encoder, models.tokenizer,
+                    lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+                    args, global_step,
+                )
+            del student  # under FSDP2 a gathered copy: not kept on the main GPU until the next validation
         if global_step % args.checkpointing_steps == 0:
             all_data_stats = data_stats.summed_over_processes()
             training_state = {
@@ -366,16 +378,6 @@ def main(args):
                 logger.info(f"EMA target identical on all {accelerator.num_processes} processes")
             if all_data_stats.total():
                 logger.info(f"Data so far: {all_data_stats.report()}")
-        if global_step % args.validation_steps == 0:
-            student = whole_student(accelerator, unet)
-            if accelerator.is_main_process:
-                log_validation(
-                    accelerator, {"target": target_unet, "online": student.to(accelerator.device)},
-                    models.vae, models.text_encoder, models.tokenizer,
-                    lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
-                    args, global_step,
-                )
-            del student  # under FSDP2 a gathered copy: not kept on the main GPU until the next validation
     progress_bar.close()
     all_data_stats = data_stats.summed_over_processes()
     if all_data_stats.total():

@@ -148,6 +148,29 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
                                 f"on from {output_dir}/checkpoint-"), errors[0]
 
 
+def test_a_run_killed_while_it_validates_samples_that_step_again(tiny_teacher, tiny_shards, tmp_path):
+    """With validation on a checkpoint step (the authors' command: both every 200), a kill while the
+    step's prompts are sampled must not leave that step without its validation images for good."""
+    output_dir = str(tmp_path / "run")
+    flags = ["--max_train_steps=2", "--checkpointing_steps=2", "--validation_steps=2", "--resume_from_checkpoint=latest",
+             "--validation_prompts", "a cat"]
+    process = subprocess.Popen(
+        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, *flags)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    step_dir = os.path.join(output_dir, "validation", "step-2")
+    deadline = time.time() + 300
+    while not os.path.isdir(step_dir):
+        assert process.poll() is None and time.time() < deadline, "the run ended before it validated"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(os.listdir(step_dir)) < 6, "killed too late: the validation was done"
+    launch(tiny_teacher, tiny_shards, output_dir, *flags)
+    assert sorted(os.listdir(step_dir)) == sorted(f"{net}-{steps}step-0.png" for net in ("target", "online")
+                                                  for steps in (1, 2, 4))
+
+
 def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_path):
     output_dir = tmp_path / "run"
     launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--checkpointing_steps=2")
