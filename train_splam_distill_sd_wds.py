@@ -208,6 +208,9 @@ def main(args):
             raise SetupError(f"cannot create the Hub repository {repo_id!r}: {one_line(error)}") from error
 
     args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
+    if resume_state is not None and resume_state["global_step"] > args.max_train_steps:
+        raise SetupError(f"{resume_path} is at step {resume_state['global_step']}, past --max_train_steps="
+                         f"{args.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint")
     start_trackers(accelerator, args)
     note_trackers_without_images(accelerator)
 

@@ -226,6 +226,20 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
     assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
 
 
+def test_a_resume_past_a_lowered_max_train_steps_is_refused(tiny_teacher, tiny_shards, tmp_path):
+    """A relaunch with --max_train_steps below the checkpoint's step trained nothing and exported the
+    checkpoint's longer-trained model as this run's, under a warning that the schedule was reshaped."""
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2", "--report_to=none")
+    shutil.rmtree(os.path.join(output_dir, "unet"))
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
+                                          "--resume_from_checkpoint=latest"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert f"{output_dir}/checkpoint-2 is at step 2, past --max_train_steps=1" in errors[0]
+    assert "Loading weights" not in result.stderr and not os.path.exists(os.path.join(output_dir, "unet"))
+
+
 def test_a_checkpoint_named_as_in_diffusers_scripts_is_found_in_output_dir(tmp_path, monkeypatch):
     """diffusers' training scripts take --resume_from_checkpoint=checkpoint-500 as the folder of
     that name in output_dir: the same command finds it here, from any working directory, even one
