@@ -128,7 +128,8 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
     run with one error line that says where a relaunch goes on from. The script runs without the
     launcher, whose own traceback on Ctrl-C is accelerate's."""
     output_dir = str(tmp_path / "run")
-    command = training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=100000", "--checkpointing_steps=1")
+    command = training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=100000",
+                               "--checkpointing_steps=1")
     process = subprocess.Popen([sys.executable, *command[command.index("train_splam_distill_sd_wds.py"):]],
                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -152,8 +153,8 @@ def test_a_run_killed_while_it_validates_samples_that_step_again(tiny_teacher, t
     """With validation on a checkpoint step (the authors' command: both every 200), a kill while the
     step's prompts are sampled must not leave that step without its validation images for good."""
     output_dir = str(tmp_path / "run")
-    flags = ["--max_train_steps=2", "--checkpointing_steps=2", "--validation_steps=2", "--resume_from_checkpoint=latest",
-             "--validation_prompts", "a cat"]
+    flags = ["--max_train_steps=2", "--checkpointing_steps=2", "--validation_steps=2",
+             "--resume_from_checkpoint=latest", "--validation_prompts", "a cat"]
     process = subprocess.Popen(
         [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, *flags)],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
