@@ -162,6 +162,19 @@ def start_trackers(accelerator, args) -> None:
         raise SetupError(answer[0])
 
 
+def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> None:
+    """Sample the validation prompts with the EMA target and the online student (every process
+    takes part: under FSDP2 the whole student is gathered)."""
+    student = whole_student(accelerator, unet)
+    if accelerator.is_main_process:
+        log_validation(
+            accelerator, {"target": models.target_unet, "online": student.to(accelerator.device)},
+            models.vae, models.text_encoder, models.tokenizer,
+            lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+            args, step,
+        )
+
+
 def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = make_accelerator(args)
@@ -282,6 +295,11 @@ def main(args):
             logger.warning(f"The run now lasts {args.max_train_steps} optimizer steps, not {resume_state['max_train_steps']}: "
                            "the rest of the lr schedule is reshaped")
 
+    if resume_state is not None and global_step % args.validation_steps == 0:
+        # The checkpoint comes before its step's validation, so a run stopped while it sampled would
+        # never sample that step: sampled again here, from the same weights, the same images.
+        validate(accelerator, args, models, unet, teacher_scheduler, global_step)
+
     logger.info("***** Running SPLAM distillation *****")
     logger.info(f"  Batch size per process = {args.train_batch_size}, processes = {accelerator.num_processes}, "
                 f"accumulation steps = {args.gradient_accumulation_steps}, global batch = {global_batch_size}")
@@ -347,18 +365,6 @@ def main(args):
                 "lower --learning_rate or check the teacher and the data"
             )
 
-        # Before the checkpoint: a run killed while it samples resumes from the checkpoint before and
-        # samples this step again, where one resumed from this step's checkpoint would never sample it.
-        if global_step % args.validation_steps == 0:
-            student = whole_student(accelerator, unet)
-            if accelerator.is_main_process:
-                log_validation(
-                    accelerator, {"target": target_unet, "online": student.to(accelerator.device)},
-                    models.vae, models.text_encoder, models.tokenizer,
-                    lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
-                    args, global_step,
-                )
-            del student  # under FSDP2 a gathered copy: not kept on the main GPU until the next validation
         if global_step % args.checkpointing_steps == 0:
             all_data_stats = data_stats.summed_over_processes()
             training_state = {
@@ -381,6 +387,8 @@ def main(args):
                 logger.info(f"EMA target identical on all {accelerator.num_processes} processes")
             if all_data_stats.total():
                 logger.info(f"Data so far: {all_data_stats.report()}")
+        if global_step % args.validation_steps == 0:
+            validate(accelerator, args, models, unet, teacher_scheduler, global_step)
     progress_bar.close()
     all_data_stats = data_stats.summed_over_processes()
     if all_data_stats.total():
