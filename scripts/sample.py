@@ -16,8 +16,10 @@ import time
 
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.cli import load_or_exit  # noqa: E402
 from splam.validation import image_grid  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,10 +36,13 @@ def default_device() -> str:
 def read_prompts(args) -> list:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as handle:
-            prompts += [line.strip() for line in handle if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as handle:
+                prompts += [line.strip() for line in handle if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise SystemExit(f"error: cannot read --prompt_file {args.prompt_file}: {error}") from error
     if not prompts:
-        raise SystemExit("give --prompt (several times if you like) or --prompt_file")
+        raise SystemExit("error: give --prompt (several times if you like) or --prompt_file")
     return prompts
 
 
@@ -57,13 +62,23 @@ def main():
     args = parser.parse_args()
     if args.num_images < 1:
         parser.error(f"--num_images must be at least 1, got {args.num_images}")
+    if any(size is not None and (size < 8 or size % 8) for size in (args.height, args.width)):
+        parser.error(f"--height and --width must be positive multiples of 8, got {args.height} and {args.width}")
+    # Checked before sampling, which would otherwise be lost to a grid that cannot be saved.
+    if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        parser.error(f"--out {args.out}: give an image file name (.png, .jpg, ...)")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {args.out}: cannot create its folder ({error.strerror or error})")
 
     prompts = read_prompts(args)
     device = args.device or default_device()
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
-    pipeline = DiffusionPipeline.from_pretrained(args.model).to(device, dtype)
+    pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(device, dtype)
     if not isinstance(pipeline.scheduler, LCMScheduler):
-        raise SystemExit(f"{args.model} has a {type(pipeline.scheduler).__name__}, not the LCMScheduler of a distilled model")
+        raise SystemExit(f"error: {args.model} has a {type(pipeline.scheduler).__name__}, not the LCMScheduler of a "
+                         "distilled model")
     pipeline.set_progress_bar_config(disable=True)
 
     started = time.perf_counter()

@@ -1,6 +1,7 @@
 """Folding gamma into a plain SD UNet, extracting a LoRA, and the sampling CLI, on a trained tiny student."""
 
 import re
+import shutil
 
 import pytest
 import torch
@@ -96,3 +97,35 @@ def test_a_lora_without_bias_deltas_fuses_into_the_teacher(tiny_teacher, folded_
     pipe.unload_lora_weights()
     torch.testing.assert_close(two_step_latents(pipe), unfused, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(unfused, teacher, rtol=1e-3, atol=1e-3)
+
+
+def last_line(result) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
+def test_the_sampling_cli_refuses_a_checkpoint_or_a_missing_model_in_one_line(trained_student, tmp_path):
+    unfinished = tmp_path / "unfinished run"
+    shutil.copytree(f"{trained_student}/checkpoint-4", unfinished / "checkpoint-4")
+    cases = {
+        f"{trained_student}/checkpoint-4": "is a training checkpoint, not a pipeline",
+        str(unfinished): "holds no pipeline yet, only the checkpoints of a run that has not ended (newest: "
+                         "checkpoint-4): a run writes its pipeline at its end; to export one now, resume it with "
+                         "--resume_from_checkpoint=latest --max_train_steps=4",
+        str(tmp_path / "missing"): "cannot load a pipeline from",
+    }
+    for model, expected in cases.items():
+        result = run_script("scripts/sample.py", "--model", model, "--prompt", PROMPT, "--out", str(tmp_path / "grid.png"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert last_line(result).startswith("error: ") and expected in last_line(result), last_line(result)
+    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt_file", str(tmp_path / "missing.txt"))
+    assert result.returncode == 1 and last_line(result).startswith("error: cannot read --prompt_file"), result.stderr[-3000:]
+
+
+def test_the_sampling_cli_checks_its_output_before_sampling(trained_student, tmp_path):
+    # A name PIL cannot save, or a size the pipeline refuses, used to fail after the sampling.
+    for flags in (["--out", str(tmp_path / "grid")], ["--height", "30"]):
+        result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, *flags)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    out = tmp_path / "new folder" / "grid.png"
+    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--out", str(out))
+    assert result.returncode == 0 and Image.open(out).size == (64, 64), result.stderr[-3000:]

@@ -1,0 +1,34 @@
+"""What the scripts share: a model named on the command line that cannot be loaded stops them
+with one ``error:`` line, not the libraries' tracebacks."""
+
+import os
+
+from .args import one_line
+from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints
+
+
+def training_output_error(path: str):
+    """The reason a local folder that training wrote holds no pipeline (a checkpoint, or the
+    ``output_dir`` of a run that has not ended), with the way to get one; ``None`` otherwise."""
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model_index.json")):
+        return None
+    if os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        return (f"{path} is a training checkpoint, not a pipeline: to export one from it, resume its run from it "
+                "(--resume_from_checkpoint) with --max_train_steps at its step (nothing more is trained)")
+    checkpoints = list_checkpoints(path)
+    if checkpoints:
+        return (f"{path} holds no pipeline yet, only the checkpoints of a run that has not ended (newest: "
+                f"{os.path.basename(checkpoints[-1])}): a run writes its pipeline at its end; to export one now, resume "
+                f"it with --resume_from_checkpoint=latest --max_train_steps={checkpoint_step(checkpoints[-1])}")
+    return None
+
+
+def load_or_exit(model_class, path: str, what: str, **options):
+    """``model_class.from_pretrained(path, **options)``, or ``SystemExit`` with one line naming ``what``."""
+    reason = training_output_error(path)
+    if reason is not None:
+        raise SystemExit(f"error: {reason}")
+    try:
+        return model_class.from_pretrained(path, **options)
+    except (OSError, ValueError) as error:  # no such folder or Hub id, a file missing, not a diffusers folder
+        raise SystemExit(f"error: cannot load {what} from {path!r}: {one_line(error)}") from error
