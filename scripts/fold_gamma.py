@@ -15,6 +15,8 @@ import sys
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.args import one_line  # noqa: E402
+from splam.cli import load_or_exit  # noqa: E402
 from splam.fold import fold_gamma_embedding  # noqa: E402
 
 
@@ -23,7 +25,12 @@ def main():
     parser.add_argument("--model", required=True, help="A distilled SPLAM pipeline folder or Hub id.")
     parser.add_argument("--out", required=True, help="Where to write the plain SD pipeline.")
     args = parser.parse_args()
-    source = DiffusionPipeline.from_pretrained(args.model)
+    if os.path.exists(args.model) and os.path.realpath(args.out) == os.path.realpath(args.model):
+        parser.error("--out is the --model folder: the distilled pipeline would be overwritten by the folded one")
+    source = load_or_exit(DiffusionPipeline, args.model, "a pipeline")
+    if getattr(source, "unet", None) is None or source.unet.config.time_cond_proj_dim is None:
+        raise SystemExit(f"error: {args.model} has no UNet with a gamma projection (time_cond_proj_dim) to fold: "
+                         "give a distilled SPLAM pipeline, not a folded one or a teacher")
     plain = StableDiffusionPipeline(
         vae=source.vae,
         text_encoder=source.text_encoder,
@@ -34,7 +41,10 @@ def main():
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    plain.save_pretrained(args.out)
+    try:
+        plain.save_pretrained(args.out)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the folded pipeline to {args.out}: {one_line(error)}") from error
     print(f"Wrote a StableDiffusionPipeline with a plain UNet to {args.out}; sample it with guidance_scale=1")
 
 

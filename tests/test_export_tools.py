@@ -129,3 +129,18 @@ def test_the_sampling_cli_checks_its_output_before_sampling(trained_student, tmp
     out = tmp_path / "new folder" / "grid.png"
     result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--out", str(out))
     assert result.returncode == 0 and Image.open(out).size == (64, 64), result.stderr[-3000:]
+
+
+def test_fold_gamma_refuses_its_own_source_a_folded_model_and_a_checkpoint(trained_student, folded_student, tmp_path):
+    out = str(tmp_path / "plain")
+    cases = [
+        # Folding into the source folder used to overwrite the distilled pipeline.
+        (trained_student, trained_student + "/", 2, "--out is the --model folder"),
+        (folded_student, out, 1, "has no UNet with a gamma projection (time_cond_proj_dim) to fold"),
+        (f"{trained_student}/checkpoint-4", out, 1, "is a training checkpoint, not a pipeline"),
+    ]
+    for model, target, returncode, expected in cases:
+        result = run_script("scripts/fold_gamma.py", "--model", model, "--out", target)
+        assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert expected in last_line(result), last_line(result)
+    assert DiffusionPipeline.from_pretrained(trained_student).unet.config.time_cond_proj_dim is not None
