@@ -19,6 +19,8 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.args import one_line  # noqa: E402
+from splam.cli import load_or_exit  # noqa: E402
 from splam.lora import extract_lora  # noqa: E402
 
 
@@ -37,10 +39,19 @@ def main():
     args = parser.parse_args()
     if args.rank < 1:
         parser.error(f"--rank must be at least 1, got {args.rank}")
-    teacher = UNet2DConditionModel.from_pretrained(args.teacher, subfolder="unet")
-    student = UNet2DConditionModel.from_pretrained(args.student, subfolder="unet")
-    lora = extract_lora(teacher, student, args.rank, bias=not args.no_bias)
-    StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=lora, safe_serialization=True)
+    if os.path.isfile(args.out):
+        # diffusers would only log this and write nothing.
+        parser.error(f"--out {args.out} is a file: give the folder to write the LoRA into")
+    teacher = load_or_exit(UNet2DConditionModel, args.teacher, "the teacher's UNet", subfolder="unet")
+    student = load_or_exit(UNet2DConditionModel, args.student, "the student's UNet", subfolder="unet")
+    try:
+        lora = extract_lora(teacher, student, args.rank, bias=not args.no_bias)
+    except ValueError as error:
+        raise SystemExit(f"error: {args.student} against {args.teacher}: {error}") from error
+    try:
+        StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=lora, safe_serialization=True)
+    except OSError as error:
+        raise SystemExit(f"error: cannot write the LoRA to {args.out}: {one_line(error)}") from error
     layers = sum(key.endswith("lora_A.weight") for key in lora)
     print(f"Wrote a rank-{args.rank} LoRA of {layers} layers to {args.out}")
     if args.report_error:

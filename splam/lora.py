@@ -29,8 +29,11 @@ def extract_lora(teacher_unet, student_unet, rank: int, bias: bool = True) -> di
     With ``bias=False`` the bias deltas are left out (no ``lora_B.bias`` keys): a less exact LoRA,
     but one that ``fuse_lora`` can merge. With them, PEFT gives every layer a LoRA bias, and
     layers without a bias of their own (the attention projections) cannot be merged."""
-    if student_unet.config.time_cond_proj_dim != teacher_unet.config.time_cond_proj_dim:
-        raise ValueError("the student's architecture differs from the teacher's: fold it first (scripts/fold_gamma.py)")
+    if student_unet.config.time_cond_proj_dim is not None and teacher_unet.config.time_cond_proj_dim is None:
+        raise ValueError("the student has a gamma projection the teacher lacks: fold it first (scripts/fold_gamma.py)")
+    teacher_shapes = {name: value.shape for name, value in teacher_unet.state_dict().items()}
+    if teacher_shapes != {name: value.shape for name, value in student_unet.state_dict().items()}:
+        raise ValueError("the student's architecture differs from the teacher's: was it distilled from this teacher?")
     teacher_modules = dict(teacher_unet.named_modules())
     lora = {}
     for name, module in student_unet.named_modules():

@@ -144,3 +144,22 @@ def test_fold_gamma_refuses_its_own_source_a_folded_model_and_a_checkpoint(train
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in last_line(result), last_line(result)
     assert DiffusionPipeline.from_pretrained(trained_student).unet.config.time_cond_proj_dim is not None
+
+
+def test_extract_lora_refuses_an_unfolded_or_foreign_student_and_a_file_as_out(tiny_teacher, trained_student,
+                                                                               folded_student, tmp_path):
+    config = UNet2DConditionModel.load_config(folded_student, subfolder="unet")
+    UNet2DConditionModel.from_config(config, block_out_channels=(32, 32)).save_pretrained(tmp_path / "other" / "unet")
+    out_file = tmp_path / "lora.safetensors"
+    out_file.write_bytes(b"")
+    cases = [
+        (tiny_teacher, trained_student, tmp_path / "lora", 1, "the student has a gamma projection the teacher lacks"),
+        (tmp_path / "other", folded_student, tmp_path / "lora", 1, "the student's architecture differs from the teacher's"),
+        # diffusers only logs that a file is no folder: the script said it wrote the LoRA.
+        (tiny_teacher, folded_student, out_file, 2, "is a file: give the folder to write the LoRA into"),
+    ]
+    for teacher, student, out, returncode, expected in cases:
+        result = run_script("scripts/extract_lora.py", "--teacher", str(teacher), "--student", student, "--rank", "4",
+                            "--out", str(out))
+        assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert expected in last_line(result), last_line(result)
