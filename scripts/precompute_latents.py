@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from splam.args import redact_tokens  # noqa: E402
+from splam.args import SetupError, redact_tokens  # noqa: E402
 from splam.data import (  # noqa: E402
     MOMENTS_KEY,
     PROMPT_EMBEDS_KEY,
@@ -53,6 +53,7 @@ from splam.data import (  # noqa: E402
     tokenize,
 )
 from splam.models import load_text_encoder_and_vae  # noqa: E402
+from splam.output_dir import prepare_output_dir  # noqa: E402
 from splam.training import encode_prompts, posterior_moments  # noqa: E402
 
 
@@ -162,12 +163,15 @@ def partial_path(path: str) -> str:
 
 def main(args):
     urls = expand_shard_urls(args.train_shards_path_or_url)
-    os.makedirs(args.output_dir, exist_ok=True)
-    check_earlier_outputs(args, urls)
+    try:
+        prepare_output_dir(args.output_dir)
+        check_earlier_outputs(args, urls)
+        tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+    except SetupError as error:
+        sys.exit(f"error: {error}")
     # Jobs started side by side on one machine take its GPUs in turn.
     device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
     text_encoder.to(device, dtype)
     vae.to(device, dtype)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)

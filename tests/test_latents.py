@@ -147,3 +147,14 @@ def test_precompute_leaves_out_a_shard_it_cannot_read(tiny_teacher, tiny_shards,
     assert result.returncode == 1
     assert "error: 1 shards could not be read to the end (first: " in result.stderr and "00003.tar" in result.stderr
     assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00001.tar", "00001.tar.json"]
+
+
+def test_precompute_refuses_a_missing_teacher_and_a_file_as_output_dir_in_one_line(tiny_teacher, tiny_shards, tmp_path):
+    not_a_folder = tmp_path / "latents"
+    not_a_folder.write_text("")
+    cases = [(tmp_path / "missing", tmp_path / "out", "error: cannot load the teacher's tokenizer from"),
+             (tiny_teacher, not_a_folder, "error: --output_dir")]
+    for teacher, output_dir, expected in cases:
+        result = precompute(teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}")
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-3000:]
