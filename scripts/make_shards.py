@@ -50,11 +50,13 @@ def folder_images(image_dir: str):
         if extension.lower() not in IMAGE_EXTENSIONS:
             continue
         caption_path = os.path.join(image_dir, stem + ".txt")
+        caption = ""
         if os.path.exists(caption_path):
-            with open(caption_path, encoding="utf-8") as handle:
+            # Repaired as training repairs captions: a byte-order mark dropped, bytes not UTF-8 replaced.
+            with open(caption_path, encoding="utf-8-sig", errors="replace") as handle:
                 caption = handle.read().strip()
-        else:
-            caption = stem.replace("_", " ").replace("-", " ")
+        # Training skips samples with empty captions: an empty .txt falls back to the name too.
+        caption = caption or stem.replace("_", " ").replace("-", " ")
         try:
             with Image.open(os.path.join(image_dir, file_name)) as image:
                 # Upright as a viewer shows it (phone photos store their rotation in EXIF), and
@@ -66,7 +68,7 @@ def folder_images(image_dir: str):
 
 def random_view(image: Image.Image, resolution: int, rng: random.Random) -> Image.Image:
     """A random square crop covering 50-100% of the shorter side, resized to ``resolution``."""
-    side = int(min(image.size) * rng.uniform(0.5, 1.0))
+    side = max(1, int(min(image.size) * rng.uniform(0.5, 1.0)))  # an empty crop of a 1-pixel side is black
     left = rng.randint(0, image.width - side)
     top = rng.randint(0, image.height - side)
     return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.Resampling.BICUBIC)
@@ -108,6 +110,12 @@ def main():
     parser.add_argument("--image_dir", default=None, help="Your own images instead of scikit-image's.")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if min(args.num_shards, args.samples_per_shard, args.resolution) < 1:
+        parser.error("--num_shards, --samples_per_shard and --resolution must be at least 1")
+    if args.image_dir is not None and not os.path.isdir(args.image_dir):
+        parser.error(f"--image_dir {args.image_dir} is not a folder")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir} exists and is not a folder")
     paths = write_shards(args.output_dir, args.num_shards, args.samples_per_shard, args.resolution, args.image_dir, args.seed)
     last = len(paths) - 1
     print(f"Wrote {len(paths)} shards of {args.samples_per_shard} samples: {args.output_dir}/{{00000..{last:05d}}}.tar")

@@ -32,7 +32,7 @@ from splam.data import (
     train_shard_urls,
 )
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, run_script
 
 
 def encoded(image: Image.Image, format="PNG") -> bytes:
@@ -435,3 +435,49 @@ def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_strea
         batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=2,
                                     process_index=process_index, num_processes=4))
         assert len(batches) == 2
+
+
+def test_make_shards_turns_a_folder_of_mixed_images_into_usable_samples(tmp_path):
+    from make_shards import folder_images, write_shards
+
+    folder = tmp_path / "my images"
+    folder.mkdir()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    photo.save(folder / "photo.png")
+    photo.save(folder / "photo_webp.webp")
+    photo.convert("L").save(folder / "grey.png")
+    photo.convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(np.full((70, 70), 40000, dtype=np.uint16)).save(folder / "sixteen.png")
+    Image.new("RGB", (1, 1), "red").save(folder / "dot.png")
+    sideways = Image.new("RGB", (100, 60), "blue")
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(folder / "sideways.jpg", exif=exif.tobytes())
+    photo.save(folder / "blank.jpg")
+    (folder / "blank.txt").write_text("  \n")
+    photo.save(folder / "latin.jpg")
+    (folder / "latin.txt").write_bytes("un café".encode("latin-1"))
+    (folder / "broken.jpg").write_bytes(b"not an image")
+
+    sources = list(folder_images(str(folder)))
+    # An empty caption file gave "" (training skips such samples); a Latin-1 one stopped the script.
+    assert [captions[0] for _, captions in sources] == [
+        "blank", "dot", "grey", "un caf\ufffd", "photo", "photo webp", "rgba", "sideways", "sixteen"]
+    assert {image.mode for image, _ in sources} == {"RGB"} and sources[7][0].size == (60, 100)
+
+    shard = write_shards(str(tmp_path / "shards"), 1, 60, RESOLUTION, str(folder))[0]
+    stats = DataStats()
+    assert len(read_all([shard], RESOLUTION, stats)) == 60 and stats.skipped() == 0, stats
+    dots = [np.asarray(sample["jpg"]) for sample in wds.WebDataset(shard, shardshuffle=False).decode("pil")
+            if sample["json"]["source"] == 1]
+    # A 1-pixel image's crop was empty, so its samples came out black.
+    assert dots and all(np.abs(dot.astype(int) - [255, 0, 0]).max() < 8 for dot in dots)
+
+
+def test_make_shards_refuses_a_missing_image_dir_and_a_file_as_output_dir(tmp_path):
+    a_file = tmp_path / "shards"
+    a_file.write_text("")
+    for flags in (["--output_dir", str(tmp_path / "out"), "--image_dir", str(tmp_path / "missing")],
+                  ["--output_dir", str(a_file)]):
+        result = run_script("scripts/make_shards.py", *flags)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
