@@ -146,6 +146,9 @@ def main():
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="Architecture size.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     args = parser.parse_args()
+    # Random weights written over a real model (a mistyped path) would destroy it.
+    if os.path.exists(args.output_dir) and not (os.path.isdir(args.output_dir) and not os.listdir(args.output_dir)):
+        parser.error(f"{args.output_dir} exists and is not an empty folder: give a new one")
     make_teacher(args.output_dir, args.preset, args.seed)
     print(f"Wrote a {args.preset} Stable Diffusion teacher with random weights to {args.output_dir}")
 

@@ -334,3 +334,14 @@ def test_a_teacher_build_left_partial_is_rebuilt_and_a_finished_one_reused(tmp_p
     (tmp_path / "not-a-teacher").mkdir()
     with pytest.raises(SystemExit, match="holds no pipeline"):
         cached_teacher("tiny", str(tmp_path / "not-a-teacher"))
+
+
+def test_the_tiny_teacher_is_never_written_over_an_existing_model(tiny_teacher, tmp_path):
+    """A mistyped output folder used to get random weights written over the model in it."""
+    weights = os.path.join(tiny_teacher, "unet", "diffusion_pytorch_model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    result = run_script("scripts/make_tiny_teacher.py", tiny_teacher)
+    assert result.returncode == 2 and "exists and is not an empty folder" in result.stderr, result.stderr[-3000:]
+    assert os.stat(weights).st_mtime_ns == before
+    (tmp_path / "empty").mkdir()
+    assert run_script("scripts/make_tiny_teacher.py", str(tmp_path / "empty")).returncode == 0
