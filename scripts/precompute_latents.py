@@ -131,6 +131,14 @@ def shard_record(args, url: str) -> dict:
     return {"input": redact_tokens(url), **{name: getattr(args, name) for name in SETTINGS}}
 
 
+def same_setting(recorded, value) -> bool:
+    """Equal, or two spellings of one local file or folder (relative and absolute, a trailing slash)."""
+    if recorded == value:
+        return True
+    return (isinstance(recorded, str) and isinstance(value, str) and os.path.exists(recorded) and os.path.exists(value)
+            and os.path.samefile(recorded, value))
+
+
 def check_earlier_outputs(args, urls) -> None:
     """Refuse to go on where an output shard was made from another input shard or with other
     settings: it would be skipped as done, and the latents mixed."""
@@ -140,7 +148,7 @@ def check_earlier_outputs(args, urls) -> None:
             continue
         with open(path + ".json", encoding="utf-8") as handle:
             recorded = json.load(handle)
-        changed = [key for key, value in shard_record(args, url).items() if recorded.get(key) != value]
+        changed = [key for key, value in shard_record(args, url).items() if not same_setting(recorded.get(key), value)]
         if changed:
             sys.exit(f"error: {path} was made with another {', '.join(changed)} "
                      f"({', '.join(str(recorded.get(key)) for key in changed)}): use another --output_dir")

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from splam.data import LatentSamples, ShardStream
 
-from conftest import RESOLUTION, launch, logged_scalars, run_script, training_command
+from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, run_script, training_command
 
 LATENTS = "--train_latents_path_or_url"
 
@@ -69,6 +69,18 @@ def test_a_rerun_goes_on_only_with_the_same_settings_and_shards(latent_shards, t
     assert precompute(tiny_teacher, tiny_shards, growing, resolution).returncode == 0
     assert first_two == [os.path.getmtime(os.path.join(growing, f"0000{index}.tar")) for index in range(2)]
     assert os.path.exists(os.path.join(growing, "00002.tar"))
+
+
+def test_a_rerun_with_other_spellings_of_the_same_paths_goes_on(latent_shards, tiny_teacher, tiny_shards):
+    """A trailing slash (as shell completion adds) or a relative path to the same shards was refused as
+    another teacher or input, with the advice to encode everything again elsewhere."""
+    output_dir, _ = latent_shards
+    shards = sorted(glob.glob(os.path.join(output_dir, "*.tar")))
+    mtimes = [os.path.getmtime(path) for path in shards]
+    rerun = precompute(tiny_teacher + "/", os.path.relpath(tiny_shards, REPO_ROOT), output_dir, f"--resolution={RESOLUTION}",
+                       "--random_flip")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert mtimes == [os.path.getmtime(path) for path in shards]
 
 
 def test_training_from_latents_resumes_exactly_and_exports(latent_shards, tiny_teacher, tmp_path):
