@@ -28,6 +28,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from digits_world import NAMES, PHRASINGS, caption, digits_split, frechet_distance, judge_features, to_rgb32, to_scan8, train_judge  # noqa: E402
+from splam.cli import load_or_exit  # noqa: E402
 from splam.validation import image_grid  # noqa: E402
 
 TEACHER_STEPS = 50
@@ -81,10 +82,10 @@ def evaluate(teacher_dir, students: dict, w_scale, steps=(1, 2, 4), seeds=(0, 1,
     real_features = judge_features(judge, real_scans)
     labels, prompts = zip(*heldout_prompts())
 
-    teacher = StableDiffusionPipeline.from_pretrained(teacher_dir)
+    teacher = load_or_exit(StableDiffusionPipeline, teacher_dir, "the teacher")
     teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config)
     latent_shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size, teacher.unet.config.sample_size)
-    pipelines = {name: DiffusionPipeline.from_pretrained(path) for name, path in students.items()}
+    pipelines = {name: load_or_exit(DiffusionPipeline, path, f"the student {name}") for name, path in students.items()}
 
     raw = {"teacher": {TEACHER_STEPS: []}}
     raw.update({name: {n: [] for n in steps} for name in students})

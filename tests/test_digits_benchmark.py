@@ -28,3 +28,15 @@ def test_the_quick_benchmark_writes_table_plot_and_grids(tmp_path):
     table = open(os.path.join(work_dir, "digits.md")).read()
     assert len(re.findall(r"^\| (SPLAM|LCM|SPLAM-zero) \| [124] \|", table, re.M)) == 9
     assert "python scripts/run_digits_benchmark.py --quick" in table
+
+
+def test_evaluate_names_a_missing_model_or_a_checkpoint_in_one_line(tiny_teacher, tmp_path):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "training_state.json").write_text("{}")
+    for teacher, student, expected in [(tmp_path / "missing", tmp_path, "error: cannot load the teacher from"),
+                                       (tiny_teacher, checkpoint, "is a training checkpoint, not a pipeline")]:
+        result = run_script("scripts/evaluate.py", "--teacher", str(teacher), "--student", f"SPLAM={student}",
+                            "--w_scale", "3", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "results.json"))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
