@@ -16,8 +16,8 @@ fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_
 
 Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
 shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees). Each shard is written under a temporary name and renamed
-when complete; a shard that cannot be read to the end is left out (the run then exits with an
-error naming it), and a rerun skips the shards already there and retries the others.
+when complete; a shard that cannot be read to the end, or holds no usable sample, is left out (the
+run then exits with an error naming it), and a rerun skips the shards already there and retries the others.
 
 Beside each output shard, ``{i:05d}.tar.json`` records its input shard and every setting that
 shapes its arrays, so a rerun that would mix latents of other settings, or give another input
@@ -45,6 +45,7 @@ from splam.data import (  # noqa: E402
     MOMENTS_KEY,
     PROMPT_EMBEDS_KEY,
     DataStats,
+    ImageTextSamples,
     ImageTransform,
     captioned_images,
     decoded_images,
@@ -183,7 +184,7 @@ def main(args):
     text_encoder.to(device, dtype)
     vae.to(device, dtype)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    stats, written, failed, started = DataStats(), 0, [], time.perf_counter()
+    stats, written, failed, unusable, started = DataStats(), 0, [], [], time.perf_counter()
     mine = range(args.job_index, len(urls), args.num_jobs)
     for done, index in enumerate(mine, start=1):
         path = os.path.join(args.output_dir, f"{index:05d}.tar")
@@ -196,10 +197,11 @@ def main(args):
         partial = partial_path(path)
         count = write_latent_shard(partial, samples, tokenizer, text_encoder, vae, args, shard_stats)
         stats.update(shard_stats)
-        if shard_stats["bad_shard"]:
-            # Unread or cut short (network, disk): not marked done, so that a rerun tries it again.
+        if shard_stats["bad_shard"] or not count:
+            # Unread or cut short (network, disk), or nothing in it usable (shards of another layout): not
+            # marked done, so that a rerun tries it again.
             os.remove(partial)
-            failed.append(urls[index])
+            (failed if shard_stats["bad_shard"] else unusable).append(urls[index])
             continue
         # The record first: a shard on disk always has one.
         with open(partial + ".json", "w", encoding="utf-8") as handle:
@@ -211,9 +213,15 @@ def main(args):
         print(f"shard {done}/{len(mine)} ({path}): {written} samples in {elapsed:.0f} s, {written / elapsed:.1f}/s",
               flush=True)
     print(f"Data: {stats.report()}")
+    errors = []
     if failed:
-        sys.exit(f"error: {len(failed)} shards could not be read to the end (first: {redact_tokens(failed[0])}); "
-                 "run again to retry them")
+        errors.append(f"{len(failed)} shards could not be read to the end (first: {redact_tokens(failed[0])}); "
+                      "run again to retry them")
+    if unusable:
+        errors.append(f"{len(unusable)} shards held no usable sample, a {ImageTextSamples.usable} (first: "
+                      f"{redact_tokens(unusable[0])}); they were not written")
+    if errors:
+        sys.exit("error: " + "; ".join(errors))
     print(f"Train with --train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
           f"--resolution={args.resolution} and the same teacher")
 

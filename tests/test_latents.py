@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 from diffusers import AutoencoderKL, DiffusionPipeline
+from PIL import Image
 
 from splam.data import LatentSamples, ShardStream
 
@@ -170,3 +171,20 @@ def test_precompute_refuses_a_missing_teacher_and_a_file_as_output_dir_in_one_li
         result = precompute(teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}")
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-3000:]
+
+
+def test_precompute_leaves_out_a_shard_with_no_usable_sample(tiny_teacher, tiny_shards, tmp_path):
+    """Shards whose captions are in another layout (here only a .json) gave an empty latent shard,
+    exit 0 and the advice to train on it; a rerun after fixing them then skipped it as done."""
+    image = io.BytesIO()
+    Image.new("RGB", (RESOLUTION, RESOLUTION), "red").save(image, format="JPEG")
+    json_only = str(tmp_path / "json-only.tar")
+    with wds.TarWriter(json_only) as writer:
+        for index in range(3):
+            writer.write({"__key__": f"k{index}", "jpg": image.getvalue(), "json": b'{"caption": "a red square"}'})
+    output_dir = str(tmp_path / "latents")
+    result = precompute(tiny_teacher, f"{json_only}::{tiny_shards.replace('{00000..00002}', '00000')}", output_dir,
+                        f"--resolution={RESOLUTION}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "error: 1 shards held no usable sample" in result.stderr and "json-only.tar" in result.stderr
+    assert sorted(os.listdir(output_dir)) == ["00001.tar", "00001.tar.json"]
