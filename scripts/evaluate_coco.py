@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 
 import numpy as np
@@ -33,6 +34,9 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.cli import load_or_exit  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -243,6 +247,14 @@ def main():
     if args.num_images < 2:
         parser.error(f"--num_images must be at least 2 (FID compares two distributions), got {args.num_images}")
     args.work_dir = args.work_dir or os.path.splitext(args.out)[0] + "-images"
+    # Checked now: the scoring reads them after hours of sampling.
+    if args.reference_images is not None and (not os.path.isdir(args.reference_images) or len(
+            [name for name in os.listdir(args.reference_images) if name.lower().endswith(IMAGE_EXTENSIONS)]) < 2):
+        parser.error(f"--reference_images {args.reference_images} is not a folder of at least 2 images "
+                     f"({', '.join(IMAGE_EXTENSIONS)})")
+    for flag, path in (("--reference_stats", args.reference_stats), ("--captions", args.captions)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag} {path}: no such file")
 
     # Like Accelerator, honour accelerate's CPU flag (accelerate launch --cpu, or torchrun on CPUs).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -260,7 +272,7 @@ def main():
         except (ImportError, OSError) as error:
             raise SystemExit(f"error: cannot build the metrics: {' '.join(str(error).split())}") from error
     state.wait_for_everyone()
-    pipeline = DiffusionPipeline.from_pretrained(args.model).to(state.device, dtype)
+    pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(state.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
     for name, sampler, steps, guidance_scale in rows:
         generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state)

@@ -117,6 +117,24 @@ def test_metrics_that_cannot_be_built_stop_the_run_before_it_samples(world):
     assert not glob.glob(str(world["root"] / "no-clip-images" / "*" / "*.png"))
 
 
+def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
+    """The reference images were first read after the sampling, hours in."""
+    missing = str(world["root"] / "missing")
+    cases = [
+        (world["student"], ["--reference_images", missing], 2, "is not a folder of at least 2 images"),
+        (world["student"], ["--reference_stats", missing], 2, "no such file"),
+        (missing, ["--reference_images", world["references"]], 1, "error: cannot load a pipeline from"),
+    ]
+    for model, flags, returncode, expected in cases:
+        out = str(world["root"] / "missing-input.json")
+        result = run_script("scripts/evaluate_coco.py", "--model", model, "--captions", world["captions"],
+                            "--num_images", "4", "--resolution", str(RESOLUTION), "--clip_model", world["clip"],
+                            "--fid_feature_extractor", world["extractor"], "--out", out, *flags)
+        assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+        assert not glob.glob(str(world["root"] / "missing-input-images" / "*" / "*.png"))
+
+
 def test_the_teacher_rows_use_ddim_and_guidance(world):
     out = str(world["root"] / "teacher.json")
     result = run_script("scripts/evaluate_coco.py", "--model", world["teacher"], "--captions", world["captions"],
