@@ -145,6 +145,9 @@ def check_earlier_outputs(args, urls) -> None:
     settings: it would be skipped as done, and the latents mixed."""
     for index, url in enumerate(urls):
         path = os.path.join(args.output_dir, f"{index:05d}.tar")
+        if same_setting(path, url):
+            sys.exit(f"error: {path} is the input shard {url} itself, which would be skipped as encoded: give "
+                     "another --output_dir")
         if not os.path.exists(path) or not os.path.exists(path + ".json"):
             continue
         with open(path + ".json", encoding="utf-8") as handle:

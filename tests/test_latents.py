@@ -188,3 +188,12 @@ def test_precompute_leaves_out_a_shard_with_no_usable_sample(tiny_teacher, tiny_
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "error: 1 shards held no usable sample" in result.stderr and "json-only.tar" in result.stderr
     assert sorted(os.listdir(output_dir)) == ["00001.tar", "00001.tar.json"]
+
+
+def test_precompute_refuses_to_write_over_its_input_shards(tiny_teacher, tiny_shards):
+    """With --output_dir the shards' own folder, every input shard was taken for a finished output: nothing
+    was encoded, and the run advised training on the image shards as latents."""
+    shard_dir = os.path.dirname(tiny_shards)
+    result = precompute(tiny_teacher, tiny_shards, shard_dir, f"--resolution={RESOLUTION}")
+    assert result.returncode == 1 and "is the input shard" in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+    assert "Train with" not in result.stdout
