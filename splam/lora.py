@@ -52,4 +52,13 @@ def extract_lora(teacher_unet, student_unet, rank: int, bias: bool = True) -> di
         lora[f"{name}.lora_B.weight"] = B.contiguous()
         if bias:
             lora[f"{name}.lora_B.bias"] = torch.zeros(delta.shape[0]) if bias_delta is None else bias_delta.float()
+    # A LoRA without alphas whose layers differ in rank (those narrower than ``rank``) loads in older diffusers
+    # (0.35.2 among them; requirements.txt allows 0.32) with each layer scaled by the first layer's rank over
+    # its own: all get one rank, the directions a layer lacks zero.
+    common = max((value.shape[0] for key, value in lora.items() if key.endswith("lora_A.weight")), default=0)
+    for key in [key for key in lora if key.endswith("lora_A.weight")]:
+        A, B = lora[key], lora[key.replace("lora_A", "lora_B")]
+        missing = common - A.shape[0]
+        lora[key] = torch.cat([A, A.new_zeros(missing, *A.shape[1:])])
+        lora[key.replace("lora_A", "lora_B")] = torch.cat([B, B.new_zeros(B.shape[0], missing, *B.shape[2:])], dim=1)
     return lora

@@ -8,6 +8,8 @@ import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from splam.lora import extract_lora
+
 from conftest import launch, run_script
 
 PROMPT = "a rocket on a launch pad"
@@ -163,3 +165,16 @@ def test_extract_lora_refuses_an_unfolded_or_foreign_student_and_a_file_as_out(t
                             "--out", str(out))
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in last_line(result), last_line(result)
+
+
+def test_every_layer_of_a_lora_has_one_rank(tiny_teacher, folded_student):
+    """Layers narrower than the rank (conv_out's 4 channels) had a lower one: older diffusers (0.35.2,
+    which requirements.txt allows) then scaled every layer by the first layer's rank over its own, and
+    the rank-64 LoRA of the README's table sampled 70 times further from the student."""
+    teacher = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
+    student = UNet2DConditionModel.from_pretrained(folded_student, subfolder="unet")
+    lora = extract_lora(teacher, student, 64)
+    assert {value.shape[0] for key, value in lora.items() if key.endswith("lora_A.weight")} == {64}
+    assert {value.shape[1] for key, value in lora.items() if key.endswith("lora_B.weight")} == {64}
+    conv_out = lora["conv_out.lora_B.weight"].flatten(1) @ lora["conv_out.lora_A.weight"].flatten(1)
+    torch.testing.assert_close(conv_out, (student.conv_out.weight - teacher.conv_out.weight).flatten(1), rtol=1e-4, atol=1e-6)
