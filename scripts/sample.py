@@ -37,7 +37,8 @@ def read_prompts(args) -> list:
     prompts = list(args.prompt or [])
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as handle:
+            # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
+            with open(args.prompt_file, encoding="utf-8-sig") as handle:
                 prompts += [line.strip() for line in handle if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             raise SystemExit(f"error: cannot read --prompt_file {args.prompt_file}: {error}") from error

@@ -3,6 +3,7 @@
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -178,3 +179,16 @@ def test_every_layer_of_a_lora_has_one_rank(tiny_teacher, folded_student):
     assert {value.shape[1] for key, value in lora.items() if key.endswith("lora_B.weight")} == {64}
     conv_out = lora["conv_out.lora_B.weight"].flatten(1) @ lora["conv_out.lora_A.weight"].flatten(1)
     torch.testing.assert_close(conv_out, (student.conv_out.weight - teacher.conv_out.weight).flatten(1), rtol=1e-4, atol=1e-6)
+
+
+def test_a_prompt_file_with_a_byte_order_mark_samples_its_prompts_as_written(trained_student, tmp_path):
+    """The mark a Windows editor puts at the start of a UTF-8 file became part of the first prompt."""
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text(PROMPT + "\n", encoding="utf-8-sig")
+    grids = []
+    for source in (["--prompt_file", str(prompt_file)], ["--prompt", PROMPT]):
+        out = tmp_path / f"grid-{len(grids)}.png"
+        result = run_script("scripts/sample.py", "--model", trained_student, *source, "--out", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        grids.append(torch.from_numpy(np.asarray(Image.open(out))))
+    assert torch.equal(*grids)
