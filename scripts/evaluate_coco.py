@@ -53,7 +53,8 @@ def load_prompts(path: str, num_images: int, seed: int) -> list:
             by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
         prompts = [rng.choice(sorted(by_image[image_id])) for image_id in sorted(by_image)]
     else:
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
+        with open(path, encoding="utf-8-sig") as handle:
             prompts = [line.strip() for line in handle if line.strip()]
     if num_images > len(prompts):
         raise SystemExit(f"--num_images {num_images} is more than the {len(prompts)} captioned images in {path}")

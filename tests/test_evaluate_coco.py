@@ -173,6 +173,14 @@ def test_caption_choice_is_seeded_and_one_per_image(world):
         load_prompts(world["captions"], 7, seed=0)
 
 
+def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(tmp_path):
+    from evaluate_coco import load_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red bus\na cat on a sofa\n", encoding="utf-8-sig")
+    assert sorted(load_prompts(str(path), 2, seed=0)) == ["a cat on a sofa", "a red bus"]
+
+
 def test_two_processes_split_the_images(world):
     out = str(world["root"] / "split.json")
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
