@@ -9,6 +9,7 @@ is a ``StableDiffusionPipeline`` with ``LCMScheduler``; sample it with ``guidanc
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -20,13 +21,25 @@ from splam.cli import load_or_exit  # noqa: E402
 from splam.fold import fold_gamma_embedding  # noqa: E402
 
 
+def holds_a_fold(folder: str) -> bool:
+    """Whether ``folder`` holds what this script writes, which a rerun may overwrite."""
+    try:
+        with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return index.get("_class_name") == "StableDiffusionPipeline" and index.get("scheduler", [None, None])[1] == "LCMScheduler"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="A distilled SPLAM pipeline folder or Hub id.")
     parser.add_argument("--out", required=True, help="Where to write the plain SD pipeline.")
     args = parser.parse_args()
-    if os.path.exists(args.model) and os.path.realpath(args.out) == os.path.realpath(args.model):
-        parser.error("--out is the --model folder: the distilled pipeline would be overwritten by the folded one")
+    # A mistyped --out (the distilled model's folder, the teacher's) would have its model overwritten.
+    if os.path.exists(args.out) and not (os.path.isdir(args.out) and (not os.listdir(args.out) or holds_a_fold(args.out))):
+        parser.error(f"--out {args.out} holds something else than an earlier fold_gamma.py output (a model, other "
+                     "files), which would be overwritten: give a new folder")
     source = load_or_exit(DiffusionPipeline, args.model, "a pipeline")
     if getattr(source, "unet", None) is None or source.unet.config.time_cond_proj_dim is None:
         raise SystemExit(f"error: {args.model} has no UNet with a gamma projection (time_cond_proj_dim) to fold: "

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from splam.lora import extract_lora
@@ -134,11 +134,13 @@ def test_the_sampling_cli_checks_its_output_before_sampling(trained_student, tmp
     assert result.returncode == 0 and Image.open(out).size == (64, 64), result.stderr[-3000:]
 
 
-def test_fold_gamma_refuses_its_own_source_a_folded_model_and_a_checkpoint(trained_student, folded_student, tmp_path):
+def test_fold_gamma_never_overwrites_a_model_and_refuses_a_folded_model_or_checkpoint(tiny_teacher, trained_student,
+                                                                                       folded_student, tmp_path):
     out = str(tmp_path / "plain")
     cases = [
-        # Folding into the source folder used to overwrite the distilled pipeline.
-        (trained_student, trained_student + "/", 2, "--out is the --model folder"),
+        # Folding into the source folder (or the teacher's) used to overwrite the model there.
+        (trained_student, trained_student + "/", 2, "holds something else than an earlier fold_gamma.py output"),
+        (trained_student, tiny_teacher, 2, "holds something else than an earlier fold_gamma.py output"),
         (folded_student, out, 1, "has no UNet with a gamma projection (time_cond_proj_dim) to fold"),
         (f"{trained_student}/checkpoint-4", out, 1, "is a training checkpoint, not a pipeline"),
     ]
@@ -147,6 +149,10 @@ def test_fold_gamma_refuses_its_own_source_a_folded_model_and_a_checkpoint(train
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in last_line(result), last_line(result)
     assert DiffusionPipeline.from_pretrained(trained_student).unet.config.time_cond_proj_dim is not None
+    assert isinstance(DiffusionPipeline.from_pretrained(tiny_teacher).scheduler, DDPMScheduler)
+    # A rerun onto its own output goes on.
+    result = run_script("scripts/fold_gamma.py", "--model", trained_student, "--out", folded_student)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_extract_lora_refuses_an_unfolded_or_foreign_student_and_a_file_as_out(tiny_teacher, trained_student,
