@@ -18,6 +18,7 @@ Launch with ``accelerate launch train_splam_distill_sd_wds.py --help`` for the f
 import logging
 import math
 import os
+import signal
 import sys
 from datetime import timedelta
 
@@ -39,6 +40,7 @@ from splam.checkpoints import (
     CheckpointError,
     check_resumable,
     ema_checksums,
+    list_checkpoints,
     load_checkpoint,
     optimizer_hyperparameters,
     register_unet_hooks,
@@ -417,11 +419,28 @@ def main(args):
             logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
 
 
+def stop_on_sigterm(signum, frame):
+    """A pre-emption's SIGTERM stops the run as Ctrl-C does, so that it ends with one error line too
+    (Python's default is to die silently). KeyboardInterrupt, because loader workers, which inherit
+    this handler, leave quietly on it."""
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def stopped_message(error: KeyboardInterrupt, output_dir: str) -> str:
+    checkpoints = list_checkpoints(output_dir)
+    resume = f"from {checkpoints[-1]}" if checkpoints else "from the start (no checkpoint yet)"
+    return (f"stopped by {error.args[0] if error.args else 'SIGINT'}: relaunch with --resume_from_checkpoint=latest "
+            f"to go on {resume}")
+
+
 if __name__ == "__main__":
     arguments = parse_args()
     sys.argv = redact_secrets(sys.argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         main(arguments)
+    except KeyboardInterrupt as error:
+        sys.exit(f"error: {stopped_message(error, arguments.output_dir)}")
     except (SetupError, CheckpointError, NonFiniteError, HubError) as error:
         sys.exit(f"error: {error}")
     except DataError as error:

@@ -122,6 +122,33 @@ def test_a_relaunch_while_the_run_still_trains_is_refused(tiny_teacher, tiny_sha
     launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1", "--resume_from_checkpoint=latest")
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teacher, tiny_shards, tmp_path):
+    """A pre-emption's SIGTERM (Python's default: a silent death) and Ctrl-C (a traceback) end the
+    run with one error line that says where a relaunch goes on from. The script runs without the
+    launcher, whose own traceback on Ctrl-C is accelerate's."""
+    output_dir = str(tmp_path / "run")
+    command = training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=100000",
+                               "--checkpointing_steps=1")
+    process = subprocess.Popen([sys.executable, *command[command.index("train_splam_distill_sd_wds.py"):]],
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(output_dir, "checkpoint-1")):
+        assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.01)
+    os.killpg(process.pid, stop)  # the whole group, as a terminal's Ctrl-C and most schedulers do
+    try:
+        stderr = process.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert process.returncode == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert errors[0].startswith(f"error: stopped by {stop.name}: relaunch with --resume_from_checkpoint=latest to go "
+                                f"on from {output_dir}/checkpoint-"), errors[0]
+
+
 def test_a_run_killed_while_it_validates_samples_that_step_again(tiny_teacher, tiny_shards, tmp_path):
     """With validation on a checkpoint step (the authors' command: both every 200), a kill while the
     step's prompts are sampled must not leave that step without its validation images for good."""
