@@ -71,6 +71,12 @@ logger = get_logger(__name__)
 POLYNOMIAL_LR_END = 1e-7
 
 
+# The signals stop_on_signal has received. Its KeyboardInterrupt is lost where it lands in a callback
+# whose exceptions Python ignores (logging's at-fork hook, run each time a segment forks its loader
+# workers), so the loop looks here too.
+stop_signals = []
+
+
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a NaN or inf loss or gradient."""
 
@@ -316,6 +322,8 @@ def main(args):
     first_segment_batches = (-global_step % args.checkpointing_steps) * args.gradient_accumulation_steps or batches_per_segment
     batches = train_batches(train_dataloader, first_segment, first_segment_batches)
     while global_step < args.max_train_steps:
+        if stop_signals:
+            raise KeyboardInterrupt(stop_signals[0])
         inputs, conditioning, batch_stats = next(batches)
         batches_seen += 1
         data_stats.update(batch_stats)
@@ -419,11 +427,13 @@ def main(args):
             logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
 
 
-def stop_on_sigterm(signum, frame):
-    """A pre-emption's SIGTERM stops the run as Ctrl-C does, so that it ends with one error line too
-    (Python's default is to die silently). KeyboardInterrupt, because loader workers, which inherit
-    this handler, leave quietly on it."""
-    raise KeyboardInterrupt("SIGTERM")
+def stop_on_signal(signum, frame):
+    """SIGTERM (a pre-emption's warning) and SIGINT (Ctrl-C) stop the run with one error line, where
+    Python's defaults die silently or print a traceback. KeyboardInterrupt, on which loader
+    workers, which inherit this handler, leave quietly."""
+    name = signal.Signals(signum).name
+    stop_signals.append(name)
+    raise KeyboardInterrupt(name)
 
 
 def stopped_message(error: KeyboardInterrupt, output_dir: str) -> str:
@@ -436,7 +446,8 @@ def stopped_message(error: KeyboardInterrupt, output_dir: str) -> str:
 if __name__ == "__main__":
     arguments = parse_args()
     sys.argv = redact_secrets(sys.argv)
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, stop_on_signal)
     try:
         main(arguments)
     except KeyboardInterrupt as error:

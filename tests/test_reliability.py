@@ -144,7 +144,9 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
         os.killpg(process.pid, signal.SIGKILL)
         raise
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert process.returncode == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    # Python may print an interrupt it had to ignore ("Exception ignored in" a fork hook), then the run goes on to
+    # its next step, which stops it: the traceback of an uncaught one would end stderr.
+    assert process.returncode == 1 and errors == stderr.strip().splitlines()[-1:], stderr[-3000:]
     assert errors[0].startswith(f"error: stopped by {stop.name}: relaunch with --resume_from_checkpoint=latest to go "
                                 f"on from {output_dir}/checkpoint-"), errors[0]
 
