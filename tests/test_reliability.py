@@ -151,6 +151,29 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
                                 f"on from {output_dir}/checkpoint-"), errors[0]
 
 
+def test_a_ctrl_c_that_python_ignores_in_a_fork_hook_still_stops_the_run(tiny_teacher, tiny_shards, tmp_path):
+    """Python ignores an exception raised in an at-fork hook (logging registers one), and a segment
+    starts its loader worker with a fork: a Ctrl-C landing there must still stop the run. The
+    interrupt is put there on purpose: the parent's first fork after checkpoint-1 signals itself."""
+    output_dir = str(tmp_path / "run")
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "def interrupt_once():\n"
+        f"    if os.path.isdir({os.path.join(output_dir, 'checkpoint-1')!r}) and not os.environ.get('INTERRUPTED'):\n"
+        "        os.environ['INTERRUPTED'] = '1'\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "os.register_at_fork(after_in_parent=interrupt_once)\n"
+    )
+    command = training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=6", "--checkpointing_steps=1")
+    result = run_script(*command[command.index("train_splam_distill_sd_wds.py"):],
+                        env=dict(os.environ, PYTHONPATH=str(shim)), timeout=300)
+    assert "Exception ignored" in result.stderr, "the interrupt did not land in the fork hook"
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: stopped by SIGINT")
+    assert not os.path.isdir(os.path.join(output_dir, "checkpoint-6")), "the run trained to its end"
+
+
 def test_a_run_killed_while_it_validates_samples_that_step_again(tiny_teacher, tiny_shards, tmp_path):
     """With validation on a checkpoint step (the authors' command: both every 200), a kill while the
     step's prompts are sampled must not leave that step without its validation images for good."""
