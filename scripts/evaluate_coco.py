@@ -153,6 +153,10 @@ def make_fid(args):
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, sync_on_compute=False)
 
 
+def reference_image_paths(folder: str) -> list:
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def load_reference(args, fid) -> None:
     """Feed the reference images (or saved statistics) to ``fid`` and save their statistics."""
     stats_path = os.path.join(args.work_dir, "reference_stats.pt")
@@ -161,8 +165,7 @@ def load_reference(args, fid) -> None:
         fid.real_features_sum, fid.real_features_cov_sum = stats["sum"], stats["cov_sum"]
         fid.real_features_num_samples = stats["num_samples"]
         return
-    paths = sorted(os.path.join(args.reference_images, name) for name in os.listdir(args.reference_images)
-                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    paths = reference_image_paths(args.reference_images)
     for chunk in batches(paths, 64):
         pixels = np.stack([resize_and_crop(Image.open(path), args.resolution) for path in chunk])
         fid.update(torch.from_numpy(pixels).to(fid.device), real=True)
@@ -249,8 +252,8 @@ def main():
         parser.error(f"--num_images must be at least 2 (FID compares two distributions), got {args.num_images}")
     args.work_dir = args.work_dir or os.path.splitext(args.out)[0] + "-images"
     # Checked now: the scoring reads them after hours of sampling.
-    if args.reference_images is not None and (not os.path.isdir(args.reference_images) or len(
-            [name for name in os.listdir(args.reference_images) if name.lower().endswith(IMAGE_EXTENSIONS)]) < 2):
+    if args.reference_images is not None and (not os.path.isdir(args.reference_images)
+                                              or len(reference_image_paths(args.reference_images)) < 2):
         parser.error(f"--reference_images {args.reference_images} is not a folder of at least 2 images "
                      f"({', '.join(IMAGE_EXTENSIONS)})")
     for flag, path in (("--reference_stats", args.reference_stats), ("--captions", args.captions)):
