@@ -120,7 +120,7 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
     assert impatient.returncode != 0 and "Timed out waiting 3000ms" in impatient.stderr, impatient.stderr[-3000:]
     patient = launch(600)
     assert patient.returncode == 0 and patient.stdout.count("all arrived") == 2, patient.stderr[-3000:]
-    assert patient.stdout.count("timeout 0:10:00") == 2
+    assert patient.stdout.count("0:10:00") == 2  # the two processes' prints may interleave
 
 
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):
