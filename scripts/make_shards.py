@@ -45,15 +45,20 @@ def bundled_images():
 
 def folder_images(image_dir: str):
     """``(PIL image, [caption])`` for each image in ``image_dir``."""
-    for file_name in sorted(os.listdir(image_dir)):
+    file_names = sorted(os.listdir(image_dir))
+    # A caption file is found whatever its case, as images are (cameras write IMG_1.JPG and IMG_1.TXT);
+    # one named exactly as the image comes first.
+    caption_names = {name.lower(): name for name in file_names if name.lower().endswith(".txt")}
+    caption_names.update({name: name for name in file_names if name.endswith(".txt")})
+    for file_name in file_names:
         stem, extension = os.path.splitext(file_name)
         if extension.lower() not in IMAGE_EXTENSIONS:
             continue
-        caption_path = os.path.join(image_dir, stem + ".txt")
+        caption_name = caption_names.get(stem + ".txt") or caption_names.get(stem.lower() + ".txt")
         caption = ""
-        if os.path.exists(caption_path):
+        if caption_name is not None:
             # Repaired as training repairs captions: a byte-order mark dropped, bytes not UTF-8 replaced.
-            with open(caption_path, encoding="utf-8-sig", errors="replace") as handle:
+            with open(os.path.join(image_dir, caption_name), encoding="utf-8-sig", errors="replace") as handle:
                 caption = handle.read().strip()
         # Training skips samples with empty captions: an empty .txt falls back to the name too.
         caption = caption or stem.replace("_", " ").replace("-", " ")

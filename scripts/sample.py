@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, LCMScheduler
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.args import one_line  # noqa: E402
 from splam.cli import load_or_exit  # noqa: E402
 from splam.validation import image_grid  # noqa: E402
 
@@ -75,6 +76,10 @@ def main():
 
     prompts = read_prompts(args)
     device = args.device or default_device()
+    try:  # a device this machine lacks (or a misspelt one) stops the script before the pipeline loads
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        parser.error(f"--device {device}: {one_line(error)}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(device, dtype)
     if not isinstance(pipeline.scheduler, LCMScheduler):

@@ -458,18 +458,21 @@ def test_make_shards_turns_a_folder_of_mixed_images_into_usable_samples(tmp_path
     photo.save(folder / "latin.jpg")
     (folder / "latin.txt").write_bytes("un café".encode("latin-1"))
     (folder / "broken.jpg").write_bytes(b"not an image")
+    photo.save(folder / "IMG_1.JPG", format="JPEG")
+    (folder / "IMG_1.TXT").write_text("a camera's caption")
 
     sources = list(folder_images(str(folder)))
-    # An empty caption file gave "" (training skips such samples); a Latin-1 one stopped the script.
+    # An empty caption file gave "" (training skips such samples); a Latin-1 one stopped the script;
+    # a caption file named in capitals was not found.
     assert [captions[0] for _, captions in sources] == [
-        "blank", "dot", "grey", "un caf\ufffd", "photo", "photo webp", "rgba", "sideways", "sixteen"]
-    assert {image.mode for image, _ in sources} == {"RGB"} and sources[7][0].size == (60, 100)
+        "a camera's caption", "blank", "dot", "grey", "un caf\ufffd", "photo", "photo webp", "rgba", "sideways", "sixteen"]
+    assert {image.mode for image, _ in sources} == {"RGB"} and sources[8][0].size == (60, 100)
 
     shard = write_shards(str(tmp_path / "shards"), 1, 60, RESOLUTION, str(folder))[0]
     stats = DataStats()
     assert len(read_all([shard], RESOLUTION, stats)) == 60 and stats.skipped() == 0, stats
     dots = [np.asarray(sample["jpg"]) for sample in wds.WebDataset(shard, shardshuffle=False).decode("pil")
-            if sample["json"]["source"] == 1]
+            if sample["json"]["source"] == 2]
     # A 1-pixel image's crop was empty, so its samples came out black.
     assert dots and all(np.abs(dot.astype(int) - [255, 0, 0]).max() < 8 for dot in dots)
 

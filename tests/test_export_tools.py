@@ -124,11 +124,13 @@ def test_the_sampling_cli_refuses_a_checkpoint_or_a_missing_model_in_one_line(tr
     assert result.returncode == 1 and last_line(result).startswith("error: cannot read --prompt_file"), result.stderr[-3000:]
 
 
-def test_the_sampling_cli_checks_its_output_before_sampling(trained_student, tmp_path):
-    # A name PIL cannot save, or a size the pipeline refuses, used to fail after the sampling.
-    for flags in (["--out", str(tmp_path / "grid")], ["--height", "30"]):
+def test_the_sampling_cli_checks_its_output_and_device_before_sampling(trained_student, tmp_path):
+    # A name PIL cannot save, or a size the pipeline refuses, used to fail after the sampling; a
+    # device the machine lacks (no machine has a hundredth GPU) or a misspelt one, with a traceback.
+    for flags in (["--out", str(tmp_path / "grid")], ["--height", "30"], ["--device", "cuda:99"], ["--device", "gpu"]):
         result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, *flags)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert last_line(result).startswith("sample.py: error: " + flags[0]), last_line(result)
     out = tmp_path / "new folder" / "grid.png"
     result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--out", str(out))
     assert result.returncode == 0 and Image.open(out).size == (64, 64), result.stderr[-3000:]
