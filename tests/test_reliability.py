@@ -20,7 +20,7 @@ import webdataset as wds
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from splam.args import SetupError
+from splam.args import SetupError, parse_args
 from splam.checkpoints import read_training_state
 
 from conftest import REPO_ROOT, launch, logged_scalars, run_script, training_command
@@ -464,20 +464,9 @@ def v_prediction_teacher(teacher, tmp_path):
     return copy
 
 
-CASES = {
-    "missing teacher": (["--pretrained_teacher_model={tmp}/no-such-teacher"], "cannot load the teacher"),
-    "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"],
-                       "from 'someone/no-such-model': it is no local folder, and the Hub (or, offline, its cache) has no such model"),
-    "vae folder that is not a vae": (["--pretrained_vae_model_name_or_path={tmp}"],
-                                     "cannot load the VAE"),
-    "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
-    "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
-    "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),
-    "8-bit adam without bitsandbytes": (["--use_8bit_adam", "HIDE=bitsandbytes"], "--use_8bit_adam needs bitsandbytes"),
-    "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
-    "resume path missing": (["--resume_from_checkpoint={tmp}/checkpoint-9"], "no such folder"),
-    "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
-    "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
+# Refused by the parser, the script's first call: checked in this process, as each launch spends
+# seconds on its imports. "resolution" also runs in SETUP_CASES, through the whole script.
+PARSER_CASES = {
     "resolution": (["--resolution=60"], "--resolution must be a multiple of 8"),
     "resolution zero": (["--resolution=0"], "--resolution must be a multiple of 8, at least 8, got 0"),
     "negative polynomial power": (["--lr_scheduler=polynomial", "--lr_power=-1", "--lr_warmup_steps=0"],
@@ -494,13 +483,31 @@ CASES = {
     "lr schedule without its rules": (["--lr_scheduler=piecewise_constant"], "--lr_scheduler: invalid choice"),
     "tracker": (["--report_to=tensorboard,none"], "--report_to takes one or more of"),
     "wandb project name": (["--report_to=wandb", "--tracker_project_name=team/splam"], "is no wandb project name"),
+    "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
+    "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
+}
+
+# Refused by the script's set-up (the teacher's files, the environment, the folders): each launched.
+SETUP_CASES = {
+    "missing teacher": (["--pretrained_teacher_model={tmp}/no-such-teacher"], "cannot load the teacher"),
+    "offline hub id": (["--pretrained_teacher_model=someone/no-such-model"],
+                       "from 'someone/no-such-model': it is no local folder, and the Hub (or, offline, its cache) has no such model"),
+    "vae folder that is not a vae": (["--pretrained_vae_model_name_or_path={tmp}"],
+                                     "cannot load the VAE"),
+    "no shard matches": (["--train_shards_path_or_url={tmp}/none-{{000..009}}.tar"], "matches no file"),
+    "v-prediction teacher": (["--pretrained_teacher_model={v_teacher}"], "v_prediction"),
+    "ddim grid": (["--num_ddim_timesteps=1001"], "--num_ddim_timesteps 1001 exceeds the teacher's 1000 training timesteps"),
+    "8-bit adam without bitsandbytes": (["--use_8bit_adam", "HIDE=bitsandbytes"], "--use_8bit_adam needs bitsandbytes"),
+    "wandb missing": (["--report_to=wandb", "HIDE=wandb"], "--report_to=wandb needs wandb"),
+    "resume path missing": (["--resume_from_checkpoint={tmp}/checkpoint-9"], "no such folder"),
+    "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
+    "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
+    "resolution": PARSER_CASES["resolution"],
     "foreign checkpoint folder": (["MKDIR={tmp}/out/checkpoint-99", "--resume_from_checkpoint=latest"],
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
-    "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
     "polynomial schedule from its end": (["--lr_scheduler=polynomial", "--learning_rate=1e-7"],
                                          "--lr_scheduler polynomial decays the learning rate to 1e-07"),
     "tracker not installed": (["--report_to=tensorboard,mlflow"], "--report_to=mlflow needs mlflow"),
-    "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
     "wandb without a login": (["--report_to=wandb", "ENV=WANDB_MODE=online", "ENV=WANDB_API_KEY=",
                                "ENV=NETRC={tmp}/no-netrc", "ENV=WANDB_CONFIG_DIR={tmp}"],
@@ -509,8 +516,8 @@ CASES = {
 
 
 def bad_argument_command(case, tiny_teacher, tiny_shards, case_dir):
-    """The argv and environment of one of CASES, with its folders made in ``case_dir``."""
-    flags, _ = CASES[case]
+    """The argv and environment of one of SETUP_CASES, with its folders made in ``case_dir``."""
+    flags, _ = SETUP_CASES[case]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     arguments = {"--pretrained_teacher_model": tiny_teacher, "--train_shards_path_or_url": tiny_shards,
                  "--output_dir": str(case_dir / "out"), "--max_train_steps": "2"}
@@ -534,7 +541,7 @@ def bad_argument_command(case, tiny_teacher, tiny_shards, case_dir):
 
 @pytest.fixture(scope="module")
 def bad_argument_runs(tiny_teacher, tiny_shards, tmp_path_factory):
-    """Every case of CASES run by the training script, two at a time (each is mostly one
+    """Every case of SETUP_CASES run by the training script, two at a time (each is mostly one
     process's imports, on one core): ``{case: (result, seconds, case folder)}``."""
 
     def run(case):
@@ -545,13 +552,23 @@ def bad_argument_runs(tiny_teacher, tiny_shards, tmp_path_factory):
         return case, (result, time.time() - started, case_dir)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, sorted(CASES)))
+        return dict(pool.map(run, sorted(SETUP_CASES)))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(PARSER_CASES))
+def test_bad_flag_values_are_refused_by_the_parser_with_one_line(case, capsys):
+    flags, expected = PARSER_CASES[case]
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar", "--output_dir=out", *flags])
+    assert stop.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in last_line and expected in last_line, last_line
+
+
+@pytest.mark.parametrize("case", sorted(SETUP_CASES))
 def test_bad_arguments_fail_fast_with_one_line(case, bad_argument_runs):
     result, seconds, case_dir = bad_argument_runs[case]
-    _, expected = CASES[case]
+    _, expected = SETUP_CASES[case]
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert "error:" in last_line and expected in last_line, result.stderr[-2000:]
