@@ -75,7 +75,7 @@ def torchrun(teacher, shards, output_dir, *flags, env=None, check=True):
     command = training_command(teacher, shards, output_dir, *flags)
     script_index = command.index("train_splam_distill_sd_wds.py")
     env = dict(os.environ, **(env or {}), ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", *command[script_index:], env=env)
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *command[script_index:], env=env)
     assert result.returncode == 0 or not check, result.stderr[-5000:]
     return result
 
@@ -113,7 +113,7 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
         ready_dir = tmp_path / f"ready-{seconds}"
         ready_dir.mkdir()
         program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT, ready_dir=str(ready_dir)))
-        return run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
+        return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
                           "--train_shards_path_or_url=unused", "--max_train_steps=1", f"--nccl_timeout={seconds}", env=env)
 
     impatient = launch(3)

@@ -184,7 +184,7 @@ def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(tmp_p
 def test_two_processes_split_the_images(world):
     out = str(world["root"] / "split.json")
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/evaluate_coco.py",
+    result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "scripts/evaluate_coco.py",
                         "--model", world["student"], "--captions", world["captions"], "--num_images", "5",
                         "--resolution", str(RESOLUTION), "--steps", "1", "--clip_model", world["clip"],
                         "--fid_feature_extractor", world["extractor"], "--reference_images", world["references"],
