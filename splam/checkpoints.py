@@ -18,7 +18,7 @@ import re
 import shutil
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import SCALER_NAME, DistributedType
 from diffusers import UNet2DConditionModel
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -220,6 +220,10 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     checkpoint ends an update, so the count starts again from 0: otherwise, with another number
     of accumulation steps, the first update would take fewer micro-batches, and not as many on
     every process.
+
+    A checkpoint of a bf16 or fp32 run holds no grad-scaler state, which ``load_state`` demands of
+    an fp16 run (and would report as a missing file): the scaler then starts from its initial
+    scale, as a new fp16 run's does, and the returned changes say so.
     """
     def damaged(reason: str) -> CheckpointError:
         return CheckpointError(f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
@@ -228,6 +232,10 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     missing = [name for name in ("unet", "unet_target") if not os.path.isfile(os.path.join(checkpoint_path, name, "config.json"))]
     if missing:
         raise damaged(f"no {' or '.join(missing)}/config.json")
+    scaler = accelerator.scaler
+    new_scaler = scaler is not None and not os.path.isfile(os.path.join(checkpoint_path, SCALER_NAME))
+    if new_scaler:
+        accelerator.scaler = None
     try:
         accelerator.load_state(checkpoint_path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
@@ -235,8 +243,14 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint (a BaseException)
         failures = [failure for failure, _ in error.failures.values()]
         raise damaged(one_line(failures[0]) if failures else type(error).__name__) from error
+    finally:
+        accelerator.scaler = scaler
     accelerator.step = 0
-    return apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
+    changes = apply_hyperparameters(optimizer, lr_scheduler, hyperparameters)
+    if new_scaler:
+        changes.append(f"fp16's grad scaler, from its initial scale {scaler.get_scale():g} (the checkpoint's run "
+                       "had none: bf16 or fp32)")
+    return changes
 
 
 def apply_hyperparameters(optimizer, lr_scheduler, hyperparameters) -> list:

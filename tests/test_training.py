@@ -92,6 +92,30 @@ def test_a_resume_starts_a_whole_update_whatever_the_saved_accumulation(tmp_path
         GradientState._reset_state()  # the other tests' accelerators accumulate nothing
 
 
+def test_a_checkpoint_of_a_run_without_grad_scaler_resumes_under_fp16(tmp_path):
+    """A bf16 or fp32 run's checkpoint has no scaler.pt; resumed under fp16 (on a GPU, where
+    accelerate makes a grad scaler), load_state asked for it, and the checkpoint was called damaged."""
+    from accelerate import Accelerator
+
+    from splam.checkpoints import load_checkpoint, optimizer_hyperparameters
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    hyperparameters = optimizer_hyperparameters(optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    accelerator.save_state(str(tmp_path / "checkpoint"))
+    for net in ("unet", "unet_target"):  # what the training script's save hooks add
+        (tmp_path / "checkpoint" / net).mkdir()
+        (tmp_path / "checkpoint" / net / "config.json").write_text("{}")
+    scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what accelerate makes for fp16 on CUDA
+    changes = load_checkpoint(accelerator, str(tmp_path / "checkpoint"), optimizer, lr_scheduler, hyperparameters)
+    assert accelerator.scaler is scaler and scaler.get_scale() == 1024.0
+    assert changes == ["fp16's grad scaler, from its initial scale 1024 (the checkpoint's run had none: bf16 or fp32)"]
+
+
 @pytest.mark.parametrize("resume_state, expected", [
     (None, 7),  # 2 epochs of 10 samples in batches of 3: ceil(20 / 3)
     ({"global_step": 4, "samples_seen": 12}, 7),  # the same batches after a resume
