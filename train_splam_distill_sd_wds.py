@@ -29,7 +29,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
@@ -56,6 +55,7 @@ from splam.sharding import check_fsdp_options, configure_deepspeed, whole_studen
 from splam.training import (
     build_distillation_models,
     encode_batch,
+    make_lr_scheduler,
     make_optimizer,
     mixed_precision_autocast,
     optimizer_name,
@@ -260,14 +260,7 @@ def main(args):
 
     # Stepped once per update taken (take_optimizer_step), not prepared: accelerate would step it
     # once per process, which ties its position to the process count and breaks a resume on another.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer)
     hyperparameters = optimizer_hyperparameters(optimizer)
     models.unet, optimizer = accelerator.prepare(models.unet, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)

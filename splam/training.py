@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import DistributedType
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
 
 from .models import build_student, build_target, load_teacher_unet, load_text_encoder_and_vae, store_autocast_weights
 from .objective import (
@@ -141,6 +142,27 @@ def make_optimizer(args, params, learning_rate: float):
 
         return AdamW8bit(params, **options)
     return torch.optim.AdamW(params, fused=params[0].is_cuda, **options)
+
+
+def make_lr_scheduler(args, optimizer):
+    """diffusers' ``--lr_scheduler`` over ``args.max_train_steps`` optimizer steps, the first
+    ``--lr_warmup_steps`` of them warming up.
+
+    diffusers' polynomial schedule divides by its steps after the warm-up when it is read at its
+    end: after the last update of a run that warms up all along, or on a resume at that step to
+    export. Such a run never leaves the warm-up, which the schedule keeps when it is one step
+    longer; no update reads it past the run's end."""
+    num_training_steps = args.max_train_steps
+    if args.lr_scheduler == "polynomial":
+        num_training_steps = max(num_training_steps, args.lr_warmup_steps + 1)
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=num_training_steps,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
 
 
 def optimizer_name(args) -> str:

@@ -132,6 +132,42 @@ def test_a_run_measured_in_samples_ends_after_them_across_batch_sizes(resume_sta
     assert total_optimizer_steps(Namespace(max_train_steps=9), 3, resume_state) == 9
 
 
+@pytest.mark.parametrize("warmup_steps", [1, 3, 5])
+def test_a_polynomial_schedule_reaches_the_end_of_a_run_that_warms_up_all_along(warmup_steps):
+    """diffusers' polynomial schedule divided by zero after the last update of a run whose warm-up
+    is as long (3 steps of 3: the run died before its last checkpoint and export), and on a resume
+    at that step; a shorter warm-up's schedule is diffusers' own."""
+    from argparse import Namespace
+
+    from diffusers.optimization import get_scheduler
+
+    from splam.checkpoints import apply_hyperparameters, optimizer_hyperparameters
+    from splam.training import make_lr_scheduler
+
+    def update_rates(lr_scheduler):
+        optimizer = lr_scheduler.optimizer
+        rates = []
+        for _ in range(3):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            lr_scheduler.step()
+        return rates
+
+    def optimizer():
+        return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+
+    args = Namespace(lr_scheduler="polynomial", lr_warmup_steps=warmup_steps, max_train_steps=3, lr_num_cycles=1,
+                     lr_power=1.0)
+    lr_scheduler = make_lr_scheduler(args, optimizer())
+    rates = update_rates(lr_scheduler)
+    if warmup_steps < args.max_train_steps:
+        assert rates == update_rates(get_scheduler("polynomial", optimizer=optimizer(), num_warmup_steps=warmup_steps,
+                                                   num_training_steps=args.max_train_steps))
+    else:
+        assert rates == pytest.approx([1e-4 * step / warmup_steps for step in range(3)])
+    apply_hyperparameters(lr_scheduler.optimizer, lr_scheduler, optimizer_hyperparameters(lr_scheduler.optimizer))
+
+
 def test_8bit_adamw_takes_bitsandbytes_updates_without_its_device_waits(monkeypatch):
     """The same weights and states as bitsandbytes' own AdamW8bit over three steps, for tensors
     with 8-bit states (4096 elements and more), with 32-bit ones and without a gradient, while
