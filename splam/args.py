@@ -223,7 +223,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.max_train_steps is None and args.max_train_samples is None:
         parser.error("give --max_train_steps or --max_train_samples: a streamed dataset has no length of its own")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "max_nonfinite_steps", "vae_encode_batch_size"):
+                 "max_nonfinite_steps", "vae_encode_batch_size", "lr_num_cycles"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
