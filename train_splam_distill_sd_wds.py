@@ -50,7 +50,7 @@ from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, 
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
-from splam.output_dir import claim_output_dir, prepare_output_dir
+from splam.output_dir import check_output_dir_is_not_the_teacher, claim_output_dir, prepare_output_dir
 from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
 from splam.training import (
     build_distillation_models,
@@ -195,6 +195,7 @@ def main(args):
         logger.warning("accelerate runs fp16 on a CPU without autocast or grad scaling: this run computes in float32")
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
+    check_output_dir_is_not_the_teacher(args.output_dir, args.pretrained_teacher_model)
     prepare_output_dir(args.output_dir)
     check_accelerate_config(accelerator)
     check_fsdp_options(accelerator, args)

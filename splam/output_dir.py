@@ -22,6 +22,15 @@ LOCK_FILE = ".training.lock"
 logger = logging.getLogger(__name__)
 
 
+def check_output_dir_is_not_the_teacher(output_dir: str, teacher: str) -> None:
+    """Refuse an ``output_dir`` that is the teacher's folder, however either is spelt: the distilled
+    pipeline would replace the teacher's ``unet/``, scheduler and model card, and a later run or
+    resume from it would distil the student instead."""
+    if os.path.isdir(output_dir) and os.path.isdir(teacher) and os.path.samefile(output_dir, teacher):
+        raise SetupError(f"--output_dir {output_dir} is the teacher's folder (--pretrained_teacher_model {teacher}), "
+                         "whose UNet and scheduler the distilled pipeline would replace: give another folder")
+
+
 def prepare_output_dir(output_dir: str) -> None:
     """Create ``output_dir`` and check that this process can write into it (every process writes
     its RNG state into each checkpoint)."""

@@ -284,6 +284,20 @@ def test_a_checkpoint_named_as_in_diffusers_scripts_is_found_in_output_dir(tmp_p
         resolve_resume_checkpoint(str(output_dir), "checkpoint-9")
 
 
+def test_the_teachers_folder_as_output_dir_is_refused_before_it_is_overwritten(tiny_teacher, tiny_shards, tmp_path):
+    """The export wrote the student over the teacher's unet/ and scheduler/, and later runs from that
+    folder distilled the student; the folder is named two ways here (a trailing slash, a relative path)."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    unet_config = (teacher / "unet" / "config.json").read_text()
+    command = training_command(f"{teacher}/", tiny_shards, os.path.relpath(teacher, REPO_ROOT), "--max_train_steps=1")
+    result = run_script(*command[command.index("train_splam_distill_sd_wds.py"):])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "is the teacher's folder" in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+    assert (teacher / "unet" / "config.json").read_text() == unet_config
+    assert not (teacher / "unet_online").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ({"global_step": 4, "data_segment": 2}, "written by an earlier version of this script, in another format"),
     ({"format": 2, "global_step": 4}, "written by an earlier version of this script, in another format"),
