@@ -36,6 +36,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, LCMScheduler
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from splam.args import one_line  # noqa: E402
 from splam.cli import load_or_exit  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -46,18 +47,25 @@ def load_prompts(path: str, num_images: int, seed: int) -> list:
     seeded choice of images; from a text file, a seeded choice of its lines."""
     rng = random.Random(seed)
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as handle:
-            annotations = json.load(handle)["annotations"]
         by_image = {}
-        for annotation in annotations:
-            by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
+        try:
+            with open(path, encoding="utf-8") as handle:
+                annotations = json.load(handle)["annotations"]
+            for annotation in annotations:
+                by_image.setdefault(annotation["image_id"], []).append(annotation["caption"].strip())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or another COCO file
+            raise SystemExit(f"error: --captions {path} is no COCO captions file (captions_*.json, whose annotations "
+                             f"each have an image_id and a caption): {one_line(error)}") from error
         prompts = [rng.choice(sorted(by_image[image_id])) for image_id in sorted(by_image)]
     else:
-        # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
-        with open(path, encoding="utf-8-sig") as handle:
-            prompts = [line.strip() for line in handle if line.strip()]
+        try:
+            # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
+            with open(path, encoding="utf-8-sig") as handle:
+                prompts = [line.strip() for line in handle if line.strip()]
+        except UnicodeDecodeError as error:
+            raise SystemExit(f"error: --captions {path} is no UTF-8 text file of prompts: {one_line(error)}") from error
     if num_images > len(prompts):
-        raise SystemExit(f"--num_images {num_images} is more than the {len(prompts)} captioned images in {path}")
+        raise SystemExit(f"error: --num_images {num_images} is more than the {len(prompts)} captioned images in {path}")
     chosen = sorted(rng.sample(range(len(prompts)), num_images))
     return [prompts[index] for index in chosen]
 

@@ -181,6 +181,25 @@ def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(tmp_p
     assert sorted(load_prompts(str(path), 2, seed=0)) == ["a cat on a sofa", "a red bus"]
 
 
+@pytest.mark.parametrize("name, content, expected", [
+    ("instances_val2014.json", b'{"annotations": [{"image_id": 1, "bbox": [0, 0, 5, 5]}]}', "is no COCO captions file"),
+    ("captions.json", b'{"annotations": [{"image_id": 1, "caption": "a dog"}', "is no COCO captions file"),
+    ("prompts.txt", "a red bus\nun caf\xe9\n".encode("latin-1"), "is no UTF-8 text file of prompts"),
+    ("prompts.txt", b"a red bus\n", "error: --num_images 2 is more than the 1 captioned images"),
+], ids=["instances file", "cut-short json", "latin-1 text", "too few prompts"])
+def test_captions_that_cannot_be_used_stop_the_run_with_one_line(name, content, expected, tmp_path):
+    """COCO's other annotation files (instances_*, person_keypoints_*), a cut-short JSON and a
+    file in another encoding gave tracebacks."""
+    from evaluate_coco import load_prompts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as stopped:
+        load_prompts(str(path), 2, seed=0)
+    message = str(stopped.value)
+    assert message.startswith("error: ") and expected in message and "\n" not in message
+
+
 def test_two_processes_split_the_images(world):
     out = str(world["root"] / "split.json")
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
