@@ -28,12 +28,19 @@ def teacher_license(args):
     return card.data.license
 
 
+def table_code(value) -> str:
+    """``value`` as inline code in a Markdown table cell, where a ``|`` (a shard command's pipe) ends the
+    cell even inside code unless escaped."""
+    text = str(value).replace("|", "\\|")
+    return f"`{text}`"
+
+
 def model_card(args, global_step: int, samples_seen: int, grid_file: str, license_name=None, repo_id=None) -> str:
     """YAML metadata, what the model is, how to use it, how it was trained (no secrets), the sample grid.
     ``repo_id`` is the Hub repository, with its namespace; without one the card names the model
     as ``--hub_model_id`` or the output folder would be called."""
     repo_name = repo_id or args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-    settings = "\n".join(f"| `{key}` | `{value}` |" for key, value in sorted(public_config(args).items()))
+    settings = "\n".join(f"| `{key}` | {table_code(value)} |" for key, value in sorted(public_config(args).items()))
     teacher = args.pretrained_teacher_model
     # The Hub refuses a card whose base_model is not one of its models, as a local folder is not.
     teacher_on_hub = not os.path.isdir(teacher)

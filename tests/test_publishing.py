@@ -109,6 +109,19 @@ def test_a_teacher_from_the_hub_is_the_cards_base_model():
     assert 'from_pretrained("splam-sd15")' in text
 
 
+def test_a_pipe_in_a_setting_stays_in_its_cell_of_the_cards_table():
+    """Markdown ends a table cell at a ``|``, inside code too: a shard command that pipes its download
+    through a decompressor split its row into extra cells."""
+    import re
+
+    shards = "pipe:curl -s -L https://example.org/{00000..00009}.tar.zst | zstd -d"
+    args = parse_args(["--pretrained_teacher_model=t", f"--train_shards_path_or_url={shards}", "--max_train_steps=1",
+                       "--validation_prompts", "a cat | a dog"])
+    rows = [line for line in model_card(args, 1, 2, "samples.png").splitlines() if line.startswith("| `")]
+    assert rows and all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows)
+    assert "| `train_shards_path_or_url` | `pipe:curl -s -L https://example.org/{00000..00009}.tar.zst \\| zstd -d` |" in rows
+
+
 def test_a_failed_final_upload_says_where_the_pipeline_is(hub, tmp_path):
     publisher = HubPublisher("refused", token=FLAG_TOKEN)
     (tmp_path / "model_index.json").write_text("{}")
