@@ -319,6 +319,9 @@ def main():
     parser.add_argument("--out", default=None, help="Also write the figures as JSON.")
     options, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
+    if options.steps < 1 or options.warmup < 0 or options.profile_steps < 0:
+        parser.error(f"--steps must be at least 1, --warmup and --profile_steps not negative; got {options.steps}, "
+                     f"{options.warmup} and {options.profile_steps}")
     if options.profile_steps and options.data != "synthetic":
         parser.error("--profile_steps needs --data synthetic")
     cuda = torch.cuda.is_available()

@@ -55,6 +55,13 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     assert operators["backward"] > operators["student forward"]
 
 
+def test_no_timed_steps_is_refused_before_the_benchmark_runs(tiny_teacher):
+    """--steps 0 ran the setup and the warm-up, then stopped with a traceback: no median of no times."""
+    result = run_script("scripts/benchmark.py", "--teacher_dir", tiny_teacher, "--steps", "0")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--steps must be at least 1" in result.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("mode", ["readme", "fast", "fast-eager"])
 def test_the_end_to_end_benchmark_times_the_training_script(tiny_teacher, tmp_path, mode):
     """``--data shards`` writes shards (and, in the fast modes, their latents) and times the
