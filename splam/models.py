@@ -104,12 +104,22 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
 
 def check_vae_config(args) -> None:
     """Read ``--pretrained_vae_model_name_or_path``'s config, so that a wrong folder or id stops the
-    run before the text encoder's weights load rather than after."""
-    if args.pretrained_vae_model_name_or_path is not None:
-        try:
-            AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-        except OSError as error:
-            raise vae_load_error(args, error) from error
+    run before the text encoder's weights load rather than after, and so does a VAE whose latents have
+    another number of channels than the teacher's UNet takes (an SD3 or FLUX VAE for SD 1.5), which
+    failed at the first step."""
+    if args.pretrained_vae_model_name_or_path is None:
+        return
+    try:
+        vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except OSError as error:
+        raise vae_load_error(args, error) from error
+    unet_config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+                                                   revision=args.teacher_revision, cache_dir=args.cache_dir)
+    # Both classes' defaults, for configs written without the key.
+    latent_channels, in_channels = vae_config.get("latent_channels", 4), unet_config.get("in_channels", 4)
+    if latent_channels != in_channels:
+        raise SetupError(f"the VAE {args.pretrained_vae_model_name_or_path!r} makes latents of {latent_channels} "
+                         f"channels, the teacher's UNet takes {in_channels}: give a VAE of the teacher's family")
 
 
 def vae_load_error(args, error: OSError) -> SetupError:

@@ -363,6 +363,25 @@ def test_teachers_outside_the_method_are_refused_before_weights(schedule, unet, 
         load_teacher_scheduler(args)
 
 
+def test_a_vae_whose_latents_the_teacher_cannot_take_is_refused_before_weights(tiny_teacher, tmp_path):
+    """An SD3 or FLUX VAE (16 latent channels) given to an SD 1.5 teacher failed at the first step, after
+    every weight had loaded, with a traceback. Only its config exists here."""
+    import json
+
+    from splam.args import SetupError
+    from splam.models import check_vae_config
+
+    vae_config = json.load(open(os.path.join(tiny_teacher, "vae", "config.json")))
+    os.makedirs(tmp_path / "vae")
+    json.dump({**vae_config, "latent_channels": 16}, open(tmp_path / "vae" / "config.json", "w"))
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", f"--pretrained_vae_model_name_or_path={tmp_path}/vae",
+                       f"--train_shards_path_or_url={tmp_path}/unused.tar", "--max_train_steps=1"])
+    with pytest.raises(SetupError, match="makes latents of 16 channels, the teacher's UNet takes 4"):
+        check_vae_config(args)
+    args.pretrained_vae_model_name_or_path = os.path.join(tiny_teacher, "vae")
+    check_vae_config(args)
+
+
 def test_a_teacher_stored_in_float16_is_loaded_in_float32_with_or_without_a_variant(tiny_teacher, tmp_path):
     """transformers 5 keeps a text encoder in the dtype it was saved in; the export would then
     mix a float16 text encoder with float32 nets and fail after the whole training."""
