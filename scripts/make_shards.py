@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from splam.data import DataStats, to_rgb  # noqa: E402
+from splam.data import DataStats, decode_caption, to_rgb  # noqa: E402
 
 # scikit-image's bundled colour photographs, with captions written for them.
 BUNDLED_IMAGES = {
@@ -57,9 +57,10 @@ def folder_images(image_dir: str):
         caption_name = caption_names.get(stem + ".txt") or caption_names.get(stem.lower() + ".txt")
         caption = ""
         if caption_name is not None:
-            # Repaired as training repairs captions: a byte-order mark dropped, bytes not UTF-8 replaced.
-            with open(os.path.join(image_dir, caption_name), encoding="utf-8-sig", errors="replace") as handle:
-                caption = handle.read().strip()
+            # Read as training reads captions: a byte-order mark dropped, UTF-16 decoded, other bytes
+            # that are not UTF-8 replaced.
+            with open(os.path.join(image_dir, caption_name), "rb") as handle:
+                caption = decode_caption(handle.read(), DataStats())
         # Training skips samples with empty captions: an empty .txt falls back to the name too.
         caption = caption or stem.replace("_", " ").replace("-", " ")
         try:

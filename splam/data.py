@@ -17,6 +17,7 @@ flips) comes from an RNG seeded by ``(seed, segment, process, worker)`` only, so
 stream from segment ``k`` on is the same whether or not the run was restarted there.
 """
 
+import codecs
 import collections
 import io
 import logging
@@ -174,11 +175,15 @@ def first_present(sample: dict, keys):
 
 
 def decode_caption(raw, stats: DataStats) -> str:
+    """A caption's text: UTF-8, or UTF-16 where a byte-order mark says so (Windows PowerShell 5 writes
+    its text files so), bytes that are neither replaced (and counted)."""
+    # A byte-order mark is not part of the caption; no UTF-8 text starts with a UTF-16 one.
+    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
     try:
-        caption = raw.decode("utf-8-sig")  # a byte-order mark is not part of the caption
+        caption = raw.decode(encoding)
     except UnicodeDecodeError:
         stats["caption_not_utf8"] += 1
-        caption = raw.decode("utf-8-sig", errors="replace")
+        caption = raw.decode(encoding, errors="replace")
     return caption.strip()
 
 

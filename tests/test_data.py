@@ -180,6 +180,8 @@ def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch
         {"__key__": "huge", "png": encoded(Image.new("RGB", (2000, 2000), "white")), "txt": "too big"},
         {"__key__": "large_jpeg", "jpg": jpeg_bytes("green", (1600, 1200)), "txt": "large but fine"},
         {"__key__": "byte_order_mark", "jpg": good, "txt": "\ufeffa caption saved by Notepad".encode("utf-8")},
+        {"__key__": "utf16", "jpg": good, "txt": "\ufeffun caf\xe9 de PowerShell\r\n".encode("utf-16-le")},
+        {"__key__": "utf16_big_endian", "jpg": good, "txt": "\ufeffun th\xe9".encode("utf-16-be")},
     ]
     shard = write_tar(tmp_path / "dirty.tar", samples)
     # PIL's decompression-bomb limit, lowered so that a 4-megapixel image stands for a giant one.
@@ -187,7 +189,7 @@ def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch
     stats = DataStats()
     decoded = read_all([shard], resolution=32, stats=stats)
     assert [caption for _, caption in decoded] == ["fine", "caf\ufffd au lait", "tiny", "large but fine",
-                                                  "a caption saved by Notepad"]
+                                                  "a caption saved by Notepad", "un caf\xe9 de PowerShell", "un th\xe9"]
     assert stats == DataStats(undecodable_image=2, empty_caption=1, caption_not_utf8=1, image_upscaled=1, image_too_large=1)
     assert stats.skipped() == 4 and stats.repaired() == 2
 
@@ -457,6 +459,8 @@ def test_make_shards_turns_a_folder_of_mixed_images_into_usable_samples(tmp_path
     (folder / "blank.txt").write_text("  \n")
     photo.save(folder / "latin.jpg")
     (folder / "latin.txt").write_bytes("un café".encode("latin-1"))
+    photo.save(folder / "powershell.jpg")
+    (folder / "powershell.txt").write_bytes("\ufeffa caption from PowerShell\r\n".encode("utf-16-le"))
     (folder / "broken.jpg").write_bytes(b"not an image")
     photo.save(folder / "IMG_1.JPG", format="JPEG")
     (folder / "IMG_1.TXT").write_text("a camera's caption")
@@ -465,8 +469,9 @@ def test_make_shards_turns_a_folder_of_mixed_images_into_usable_samples(tmp_path
     # An empty caption file gave "" (training skips such samples); a Latin-1 one stopped the script;
     # a caption file named in capitals was not found.
     assert [captions[0] for _, captions in sources] == [
-        "a camera's caption", "blank", "dot", "grey", "un caf\ufffd", "photo", "photo webp", "rgba", "sideways", "sixteen"]
-    assert {image.mode for image, _ in sources} == {"RGB"} and sources[8][0].size == (60, 100)
+        "a camera's caption", "blank", "dot", "grey", "un caf\ufffd", "photo", "photo webp", "a caption from PowerShell",
+        "rgba", "sideways", "sixteen"]
+    assert {image.mode for image, _ in sources} == {"RGB"} and sources[9][0].size == (60, 100)
 
     shard = write_shards(str(tmp_path / "shards"), 1, 60, RESOLUTION, str(folder))[0]
     stats = DataStats()
