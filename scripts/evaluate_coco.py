@@ -258,6 +258,13 @@ def main():
     args = parser.parse_args()
     if args.num_images < 2:
         parser.error(f"--num_images must be at least 2 (FID compares two distributions), got {args.num_images}")
+    # Checked now: each would stop the sampling at its first batch, with a traceback.
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution must be a multiple of 8, at least 8 (the VAE's factor), got {args.resolution}")
+    if min(args.teacher_steps or args.steps) < 1:
+        parser.error(f"--steps and --teacher_steps must be at least 1, got {args.teacher_steps or args.steps}")
     args.work_dir = args.work_dir or os.path.splitext(args.out)[0] + "-images"
     # Checked now: the scoring reads them after hours of sampling.
     if args.reference_images is not None and (not os.path.isdir(args.reference_images)

@@ -117,6 +117,20 @@ def test_metrics_that_cannot_be_built_stop_the_run_before_it_samples(world):
     assert not glob.glob(str(world["root"] / "no-clip-images" / "*" / "*.png"))
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--resolution", "500"], "--resolution must be a multiple of 8, at least 8 (the VAE's factor), got 500"),
+    (["--steps", "1", "0"], "--steps and --teacher_steps must be at least 1, got [1, 0]"),
+])
+def test_sampling_settings_no_pipeline_takes_are_refused_before_anything_loads(flags, expected, tmp_path):
+    """Each stopped the sampling at its first batch with a traceback, after the model and the metrics
+    had loaded (and, with --steps 1 0, after the whole 1-step row)."""
+    result = run_script("scripts/evaluate_coco.py", "--model", str(tmp_path / "model"), "--captions",
+                        str(tmp_path / "captions.json"), "--reference_stats", str(tmp_path / "stats.pt"),
+                        "--out", str(tmp_path / "out.json"), *flags)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected in result.stderr.strip().splitlines()[-1]
+
+
 def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
     """The reference images were first read after the sampling, hours in."""
     missing = str(world["root"] / "missing")
