@@ -173,12 +173,19 @@ def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> N
     takes part: under FSDP2 the whole student is gathered)."""
     student = whole_student(accelerator, unet)
     if accelerator.is_main_process:
-        log_validation(
-            accelerator, {"target": models.target_unet, "online": student.to(accelerator.device)},
-            models.vae, models.text_encoder, models.tokenizer,
-            lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
-            args, step,
-        )
+        try:
+            log_validation(
+                accelerator, {"target": models.target_unet, "online": student.to(accelerator.device)},
+                models.vae, models.text_encoder, models.tokenizer,
+                lcm_scheduler(teacher_scheduler.config, args.num_ddim_timesteps),
+                args, step,
+            )
+        except OSError as error:  # a full disk, no permission
+            raise CheckpointError(
+                f"could not write the validation images of step {step} into "
+                f"{os.path.join(args.output_dir, 'validation')} ({one_line(error)}): make room, then "
+                "--resume_from_checkpoint=latest goes on from the newest checkpoint"
+            ) from error
 
 
 def main(args):

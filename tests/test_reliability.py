@@ -401,6 +401,18 @@ def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path
     assert message and f"could not write the distilled pipeline into {output_dir}" in message[0], result.stderr[-3000:]
 
 
+def test_validation_images_that_cannot_be_written_stop_the_run_with_one_line(tiny_teacher, tiny_shards, tmp_path):
+    """A full disk (here: a file where the validation folder goes) ended the run in a traceback."""
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "validation").write_text("")
+    command = training_command(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=1", "--validation_steps=1")
+    result = run_script(*command[command.index("train_splam_distill_sd_wds.py"):])
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"error: could not write the validation images of step 1 into {output_dir}/validation"
+            in result.stderr.strip().splitlines()[-1])
+
+
 def bad_data_shard(path):
     """A shard with one sample of every kind of dirt, and good samples between them."""
 
