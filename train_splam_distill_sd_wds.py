@@ -168,6 +168,25 @@ def start_trackers(accelerator, args) -> None:
         raise SetupError(answer[0])
 
 
+def make_publisher(accelerator, args):
+    """The main process's ``HubPublisher`` with ``--push_to_hub`` or ``--push_checkpoints`` (``None``
+    elsewhere), its repository created now: a repository that cannot be created stops every process
+    with one line, as the others would otherwise wait for the main process at the next collective."""
+    if not (args.push_to_hub or args.push_checkpoints):
+        return None
+    publisher, answer = None, [None]
+    if accelerator.is_main_process:
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        try:
+            publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
+        except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
+            answer = [f"cannot create the Hub repository {repo_id!r}: {one_line(error)}"]
+    broadcast_object_list(answer)
+    if answer[0] is not None:
+        raise SetupError(answer[0])
+    return publisher
+
+
 def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> None:
     """Sample the validation prompts with the EMA target and the online student (every process
     takes part: under FSDP2 the whole student is gathered)."""
@@ -226,13 +245,7 @@ def main(args):
     check_vae_config(args)
     if resume_path is not None:
         check_resumable(accelerator, args, resume_path, resume_state, optimizer_name(args))
-    publisher = None
-    if accelerator.is_main_process and (args.push_to_hub or args.push_checkpoints):
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        try:
-            publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
-        except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
-            raise SetupError(f"cannot create the Hub repository {repo_id!r}: {one_line(error)}") from error
+    publisher = make_publisher(accelerator, args)
 
     args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
     if resume_state is not None and resume_state["global_step"] > args.max_train_steps:

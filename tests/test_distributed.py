@@ -225,6 +225,16 @@ def test_fsdp_refuses_8bit_adam_before_loading_weights(tiny_teacher, tiny_shards
     assert "Loading weights" not in result.stderr
 
 
+def test_a_hub_repository_that_cannot_be_created_stops_every_process_with_one_line(tiny_teacher, tiny_shards, tmp_path):
+    """Only the main process creates it: the other one waited for it at the next collective and died
+    there with gloo's traceback (under NCCL, after the collective timeout)."""
+    result = torchrun(tiny_teacher, tiny_shards, str(tmp_path / "out"), "--max_train_steps=2", "--push_to_hub",
+                      env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}, check=False)
+    assert result.returncode != 0 and "[rank1]: Traceback" not in result.stderr, result.stderr[-5000:]
+    assert "error: cannot create the Hub repository 'out'" in result.stderr
+    assert "Loading weights" not in result.stderr
+
+
 def deepspeed_launch(teacher, shards, output_dir, mixed_precision, *flags):
     """configs/deepspeed_zero2.yaml on one CPU process: DeepSpeed's CPU accelerator has no fp16,
     and accelerate counts one process per launch on a CPU under DeepSpeed."""
