@@ -186,6 +186,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.unet_time_cond_proj_dim < 4:
         parser.error(f"--unet_time_cond_proj_dim must be at least 4, the narrowest sinusoidal embedding of gamma, "
                      f"got {args.unet_time_cond_proj_dim}")
+    # numpy takes seeds in [0, 2**32), and each process seeds with --seed plus its index.
+    if args.seed is not None and not 0 <= args.seed < 2**32 - 2**16:
+        parser.error(f"--seed must lie in [0, {2**32 - 2**16}), got {args.seed}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(args, name) < 1.0:
             parser.error(f"--{name} must lie in [0, 1), got {getattr(args, name)}")

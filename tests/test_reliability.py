@@ -533,6 +533,7 @@ SETUP_CASES = {
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "polynomial schedule from its end": (["--lr_scheduler=polynomial", "--learning_rate=1e-7"],
                                          "--lr_scheduler polynomial decays the learning rate to 1e-07"),
+    "negative seed": (["--seed=-1"], "--seed must lie in [0, 4294901760), got -1"),
     "no lr cycles": (["--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=0"], "--lr_num_cycles must be at least 1"),
     "tracker not installed": (["--report_to=tensorboard,mlflow"], "--report_to=mlflow needs mlflow"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
