@@ -511,6 +511,8 @@ PARSER_CASES = {
     "wandb project name": (["--report_to=wandb", "--tracker_project_name=team/splam"], "is no wandb project name"),
     "negative lr": (["--learning_rate=-1e-5"], "--learning_rate must not be negative"),
     "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
+    "negative seed": (["--seed=-1"], "--seed must lie in [0, 4294901760), got -1"),
+    "no lr cycles": (["--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=0"], "--lr_num_cycles must be at least 1"),
 }
 
 # Refused by the script's set-up (the teacher's files, the environment, the folders): each launched.
@@ -533,8 +535,6 @@ SETUP_CASES = {
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "polynomial schedule from its end": (["--lr_scheduler=polynomial", "--learning_rate=1e-7"],
                                          "--lr_scheduler polynomial decays the learning rate to 1e-07"),
-    "negative seed": (["--seed=-1"], "--seed must lie in [0, 4294901760), got -1"),
-    "no lr cycles": (["--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=0"], "--lr_num_cycles must be at least 1"),
     "tracker not installed": (["--report_to=tensorboard,mlflow"], "--report_to=mlflow needs mlflow"),
     "compile set in the accelerate config": (["ENV=ACCELERATE_DYNAMO_BACKEND=inductor"], "set dynamo_backend: 'no'"),
     "wandb without a login": (["--report_to=wandb", "ENV=WANDB_MODE=online", "ENV=WANDB_API_KEY=",
@@ -587,7 +587,8 @@ def bad_argument_runs(tiny_teacher, tiny_shards, tmp_path_factory):
 def test_bad_flag_values_are_refused_by_the_parser_with_one_line(case, capsys):
     flags, expected = PARSER_CASES[case]
     with pytest.raises(SystemExit) as stop:
-        parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar", "--output_dir=out", *flags])
+        parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar", "--output_dir=out",
+                    "--max_train_steps=2", *flags])
     assert stop.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in last_line and expected in last_line, last_line
