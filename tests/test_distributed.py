@@ -327,7 +327,7 @@ def checkpoint(tmp_path, distributed_type, files=None):
 
 
 def accelerator_for(distributed_type, load_state=None):
-    return types.SimpleNamespace(distributed_type=distributed_type, load_state=load_state)
+    return types.SimpleNamespace(distributed_type=distributed_type, load_state=load_state, scaler=None)
 
 
 @pytest.mark.parametrize("written, files", WRITTEN)
