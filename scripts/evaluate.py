@@ -134,6 +134,11 @@ def main():
     malformed = [item for item in args.student if "=" not in item]
     if malformed:
         parser.error(f"--student takes NAME=DIR, got {malformed[0]!r}")
+    names = [item.split("=", 1)[0] for item in args.student]
+    # Each names a row of the results, beside the teacher's: a clash would overwrite one.
+    clashing = [name for name in names if not name or name == "teacher" or names.count(name) > 1]
+    if clashing:
+        parser.error(f"--student names must be unique, not empty and not 'teacher' (the teacher's row), got {clashing[0]!r}")
     students = dict(item.split("=", 1) for item in args.student)
     results = evaluate(args.teacher, students, args.w_scale, args.steps, args.seeds, args.data_seed, args.grid_dir)
     with open(args.out, "w") as handle:

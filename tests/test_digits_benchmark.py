@@ -40,3 +40,14 @@ def test_evaluate_names_a_missing_model_or_a_checkpoint_in_one_line(tiny_teacher
                             "--w_scale", "3", "--seeds", "0", "--steps", "1", "--out", str(tmp_path / "results.json"))
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+
+
+def test_evaluate_refuses_student_names_that_clash(tmp_path):
+    """A student named teacher stopped with a KeyError after the teacher's sampling; two of one name
+    kept only the last."""
+    for students, expected in [(["teacher=a"], "'teacher'"), (["SPLAM=a", "SPLAM=b"], "'SPLAM'"), (["=a"], "''")]:
+        result = run_script("scripts/evaluate.py", "--teacher", str(tmp_path), *[f"--student={item}" for item in students],
+                            "--w_scale", "3", "--out", str(tmp_path / "results.json"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert f"--student names must be unique, not empty and not 'teacher' (the teacher's row), got {expected}" in \
+            result.stderr.strip().splitlines()[-1]
