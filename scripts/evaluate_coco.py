@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import one_line  # noqa: E402
-from splam.cli import load_or_exit  # noqa: E402
+from splam.cli import load_or_exit, read_prompt_file  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -58,12 +58,7 @@ def load_prompts(path: str, num_images: int, seed: int) -> list:
                              f"each have an image_id and a caption): {one_line(error)}") from error
         prompts = [rng.choice(sorted(by_image[image_id])) for image_id in sorted(by_image)]
     else:
-        try:
-            # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
-            with open(path, encoding="utf-8-sig") as handle:
-                prompts = [line.strip() for line in handle if line.strip()]
-        except UnicodeDecodeError as error:
-            raise SystemExit(f"error: --captions {path} is no UTF-8 text file of prompts: {one_line(error)}") from error
+        prompts = read_prompt_file(path, "--captions")
     if num_images > len(prompts):
         raise SystemExit(f"error: --num_images {num_images} is more than the {len(prompts)} captioned images in {path}")
     chosen = sorted(rng.sample(range(len(prompts)), num_images))

@@ -20,7 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import one_line  # noqa: E402
-from splam.cli import load_or_exit  # noqa: E402
+from splam.cli import load_or_exit, read_prompt_file  # noqa: E402
 from splam.validation import image_grid  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,12 +37,7 @@ def default_device() -> str:
 def read_prompts(args) -> list:
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        try:
-            # utf-8-sig: the byte-order mark Windows editors write is no part of the first prompt.
-            with open(args.prompt_file, encoding="utf-8-sig") as handle:
-                prompts += [line.strip() for line in handle if line.strip()]
-        except (OSError, UnicodeDecodeError) as error:
-            raise SystemExit(f"error: cannot read --prompt_file {args.prompt_file}: {error}") from error
+        prompts += read_prompt_file(args.prompt_file, "--prompt_file")
     if not prompts:
         raise SystemExit("error: give --prompt (several times if you like) or --prompt_file")
     return prompts

@@ -1,10 +1,11 @@
-"""What the scripts share: a model named on the command line that cannot be loaded stops them
-with one ``error:`` line, not the libraries' tracebacks."""
+"""What the scripts share: a model or a prompt file named on the command line that cannot be read
+stops them with one ``error:`` line, not the libraries' tracebacks."""
 
 import os
 
 from .args import one_line
 from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints
+from .data import text_encoding
 
 
 def training_output_error(path: str):
@@ -32,3 +33,15 @@ def load_or_exit(model_class, path: str, what: str, **options):
         return model_class.from_pretrained(path, **options)
     except (OSError, ValueError) as error:  # no such folder or Hub id, a file missing, not a diffusers folder
         raise SystemExit(f"error: cannot load {what} from {path!r}: {one_line(error)}") from error
+
+
+def read_prompt_file(path: str, flag: str) -> list:
+    """The non-empty lines of a text file of prompts, stripped, decoded as training decodes captions
+    (``splam.data.text_encoding``), or ``SystemExit`` with one line naming ``flag``."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        text = raw.decode(text_encoding(raw))
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: cannot read {flag} {path}: {one_line(error)}") from error
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -174,11 +174,16 @@ def first_present(sample: dict, keys):
     return next((sample[key] for key in keys if sample.get(key) is not None), None)
 
 
+def text_encoding(raw: bytes) -> str:
+    """How a caption or a prompt file is decoded: UTF-16 where a byte-order mark says so (Windows
+    PowerShell 5 writes its text files so), else UTF-8. A byte-order mark is no part of the text, and
+    no UTF-8 text starts with a UTF-16 one."""
+    return "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+
+
 def decode_caption(raw, stats: DataStats) -> str:
-    """A caption's text: UTF-8, or UTF-16 where a byte-order mark says so (Windows PowerShell 5 writes
-    its text files so), bytes that are neither replaced (and counted)."""
-    # A byte-order mark is not part of the caption; no UTF-8 text starts with a UTF-16 one.
-    encoding = "utf-16" if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig"
+    """A caption's text (``text_encoding``), bytes that do not decode replaced (and counted)."""
+    encoding = text_encoding(raw)
     try:
         caption = raw.decode(encoding)
     except UnicodeDecodeError:

@@ -187,18 +187,23 @@ def test_caption_choice_is_seeded_and_one_per_image(world):
         load_prompts(world["captions"], 7, seed=0)
 
 
-def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(tmp_path):
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be"])
+def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(encoding, tmp_path):
+    """The mark a Windows editor puts at the start of a UTF-8 file became part of the first prompt, and a
+    UTF-16 file (Windows PowerShell 5's) was refused; training reads such captions (sample.py reads
+    its --prompt_file the same way)."""
     from evaluate_coco import load_prompts
 
     path = tmp_path / "prompts.txt"
-    path.write_text("a red bus\na cat on a sofa\n", encoding="utf-8-sig")
-    assert sorted(load_prompts(str(path), 2, seed=0)) == ["a cat on a sofa", "a red bus"]
+    text = "a red bus\r\nun café on a sofa\n"
+    path.write_bytes(("\ufeff" + text if encoding == "utf-16-be" else text).encode(encoding))
+    assert sorted(load_prompts(str(path), 2, seed=0)) == ["a red bus", "un café on a sofa"]
 
 
 @pytest.mark.parametrize("name, content, expected", [
     ("instances_val2014.json", b'{"annotations": [{"image_id": 1, "bbox": [0, 0, 5, 5]}]}', "is no COCO captions file"),
     ("captions.json", b'{"annotations": [{"image_id": 1, "caption": "a dog"}', "is no COCO captions file"),
-    ("prompts.txt", "a red bus\nun caf\xe9\n".encode("latin-1"), "is no UTF-8 text file of prompts"),
+    ("prompts.txt", "a red bus\nun caf\xe9\n".encode("latin-1"), "cannot read --captions"),
     ("prompts.txt", b"a red bus\n", "error: --num_images 2 is more than the 1 captioned images"),
 ], ids=["instances file", "cut-short json", "latin-1 text", "too few prompts"])
 def test_captions_that_cannot_be_used_stop_the_run_with_one_line(name, content, expected, tmp_path):
