@@ -109,12 +109,26 @@ def already_made(folder, index, prompt, seed) -> bool:
     return record["prompt"] == prompt and record["seed"] == seed
 
 
+def row_scheduler(pipeline, sampler: str):
+    return (LCMScheduler if sampler == "lcm" else DDIMScheduler).from_config(pipeline.scheduler.config)
+
+
+def check_row_steps(pipeline, rows) -> None:
+    """Refuse, before any row is sampled, a step count its scheduler cannot take (LCMScheduler's at
+    most the model's ``original_inference_steps``), which would stop the run after the rows before it."""
+    for name, sampler, steps, _ in rows:
+        try:
+            row_scheduler(pipeline, sampler).set_timesteps(steps)
+        except ValueError as error:
+            raise SystemExit(f"error: the row {name} cannot be sampled: {one_line(error)}") from error
+
+
 def generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state) -> None:
     """Write the images this process owns and has not written yet, with their prompt, seed and time."""
     folder = os.path.join(args.work_dir, name)
     mine = [index for index in range(state.process_index, len(prompts), state.num_processes)
             if not already_made(folder, index, prompts[index], args.seed + index)]
-    pipeline.scheduler = (LCMScheduler if sampler == "lcm" else DDIMScheduler).from_config(pipeline.scheduler.config)
+    pipeline.scheduler = row_scheduler(pipeline, sampler)
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         started = time.perf_counter()
@@ -288,6 +302,7 @@ def main():
     state.wait_for_everyone()
     pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(state.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
+    check_row_steps(pipeline, rows)
     for name, sampler, steps, guidance_scale in rows:
         generate(args, pipeline, prompts, name, sampler, steps, guidance_scale, state)
     state.wait_for_everyone()

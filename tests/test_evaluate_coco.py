@@ -132,12 +132,16 @@ def test_sampling_settings_no_pipeline_takes_are_refused_before_anything_loads(f
 
 
 def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
-    """The reference images were first read after the sampling, hours in."""
+    """The reference images were first read after the sampling, hours in, and a step count the
+    scheduler refuses stopped the run at its row."""
     missing = str(world["root"] / "missing")
     cases = [
         (world["student"], ["--reference_images", missing], 2, "is not a folder of at least 2 images"),
         (world["student"], ["--reference_stats", missing], 2, "no such file"),
         (missing, ["--reference_images", world["references"]], 1, "error: cannot load a pipeline from"),
+        # More steps than the model's LCMScheduler takes stopped the run after the 1-step row.
+        (world["student"], ["--reference_images", world["references"], "--steps", "1", "1000"], 1,
+         "error: the row lcm-1000 cannot be sampled: "),
     ]
     for model, flags, returncode, expected in cases:
         out = str(world["root"] / "missing-input.json")
