@@ -57,6 +57,25 @@ def test_an_update_with_non_finite_gradients_is_skipped_and_said_so(grad_scaler)
         assert accelerator.scaler.get_scale() == 512.0
 
 
+def linear_model_checkpoint(accelerator, path, micro_batches_done=0):
+    """An accelerate checkpoint of a linear model at ``path``, with the folders the training script's
+    save hooks add: ``(model, optimizer, lr_scheduler, hyperparameters)``, prepared."""
+    from splam.checkpoints import optimizer_hyperparameters
+
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    hyperparameters = optimizer_hyperparameters(optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    accelerator.step = micro_batches_done
+    accelerator.save_state(str(path))
+    for net in ("unet", "unet_target"):
+        (path / net).mkdir()
+        (path / net / "config.json").write_text("{}")
+    return model, optimizer, lr_scheduler, hyperparameters
+
+
 def test_a_resume_starts_a_whole_update_whatever_the_saved_accumulation(tmp_path):
     """accelerate saves its micro-batch count; a checkpoint of a run with 2 accumulation steps
     holds a multiple of 2 that, restored into a run with 3, would end the first update after
@@ -64,20 +83,11 @@ def test_a_resume_starts_a_whole_update_whatever_the_saved_accumulation(tmp_path
     from accelerate import Accelerator
     from accelerate.state import GradientState
 
-    from splam.checkpoints import load_checkpoint, optimizer_hyperparameters
+    from splam.checkpoints import load_checkpoint
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    hyperparameters = optimizer_hyperparameters(optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    accelerator.step = 4  # two updates of two micro-batches
-    accelerator.save_state(str(tmp_path / "checkpoint"))
-    for net in ("unet", "unet_target"):  # what the training script's save hooks add
-        (tmp_path / "checkpoint" / net).mkdir()
-        (tmp_path / "checkpoint" / net / "config.json").write_text("{}")
+    # Two updates of two micro-batches.
+    model, optimizer, lr_scheduler, hyperparameters = linear_model_checkpoint(accelerator, tmp_path / "checkpoint", 4)
     try:
         load_checkpoint(accelerator, str(tmp_path / "checkpoint"), optimizer, lr_scheduler, hyperparameters)
         micro_batches = 0
@@ -97,19 +107,10 @@ def test_a_checkpoint_of_a_run_without_grad_scaler_resumes_under_fp16(tmp_path):
     accelerate makes a grad scaler), load_state asked for it, and the checkpoint was called damaged."""
     from accelerate import Accelerator
 
-    from splam.checkpoints import load_checkpoint, optimizer_hyperparameters
+    from splam.checkpoints import load_checkpoint
 
     accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    hyperparameters = optimizer_hyperparameters(optimizer)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    accelerator.save_state(str(tmp_path / "checkpoint"))
-    for net in ("unet", "unet_target"):  # what the training script's save hooks add
-        (tmp_path / "checkpoint" / net).mkdir()
-        (tmp_path / "checkpoint" / net / "config.json").write_text("{}")
+    _, optimizer, lr_scheduler, hyperparameters = linear_model_checkpoint(accelerator, tmp_path / "checkpoint")
     scaler = accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # what accelerate makes for fp16 on CUDA
     changes = load_checkpoint(accelerator, str(tmp_path / "checkpoint"), optimizer, lr_scheduler, hyperparameters)
     assert accelerator.scaler is scaler and scaler.get_scale() == 1024.0
