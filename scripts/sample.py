@@ -75,7 +75,7 @@ def main():
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         parser.error(f"--device {device}: {one_line(error)}")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(device, dtype)
     if not isinstance(pipeline.scheduler, LCMScheduler):
         raise SystemExit(f"error: {args.model} has a {type(pipeline.scheduler).__name__}, not the LCMScheduler of a "
