@@ -1,6 +1,7 @@
 """The tiny world shared by the tests: a random-weight SD teacher and webdataset shards,
 built locally by the project's own scripts."""
 
+import concurrent.futures
 import glob
 import os
 import subprocess
@@ -21,6 +22,13 @@ def run_script(*args, env=None, timeout=600):
     return subprocess.run(
         [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_scripts(*commands, env=None, timeout=600):
+    """``run_script`` of each argument list, two at a time (a refused launch is mostly one process's
+    imports, on one core): the CompletedProcesses, in the commands' order."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda command: run_script(*command, env=env, timeout=timeout), commands))
 
 
 ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]

@@ -21,7 +21,7 @@ from splam.args import parse_args
 from splam.models import load_teacher_scheduler, load_teacher_unet
 from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
 
-from conftest import REPO_ROOT, RESOLUTION, run_script
+from conftest import REPO_ROOT, RESOLUTION, run_script, run_scripts
 
 
 def teacher_args(tiny_teacher, *flags, source="--train_shards_path_or_url=unused"):
@@ -347,8 +347,9 @@ def test_the_tiny_teacher_is_never_written_over_an_existing_model(tiny_teacher, 
     """A mistyped output folder used to get random weights written over the model in it."""
     weights = os.path.join(tiny_teacher, "unet", "diffusion_pytorch_model.safetensors")
     before = os.stat(weights).st_mtime_ns
-    result = run_script("scripts/make_tiny_teacher.py", tiny_teacher)
-    assert result.returncode == 2 and "exists and is not an empty folder" in result.stderr, result.stderr[-3000:]
-    assert os.stat(weights).st_mtime_ns == before
     (tmp_path / "empty").mkdir()
-    assert run_script("scripts/make_tiny_teacher.py", str(tmp_path / "empty")).returncode == 0
+    refused, made = run_scripts(["scripts/make_tiny_teacher.py", tiny_teacher],
+                                ["scripts/make_tiny_teacher.py", str(tmp_path / "empty")])
+    assert refused.returncode == 2 and "exists and is not an empty folder" in refused.stderr, refused.stderr[-3000:]
+    assert os.stat(weights).st_mtime_ns == before
+    assert made.returncode == 0, made.stderr[-3000:]

@@ -32,7 +32,7 @@ from splam.data import (
     train_shard_urls,
 )
 
-from conftest import RESOLUTION, run_script
+from conftest import RESOLUTION, run_scripts
 
 
 def encoded(image: Image.Image, format="PNG") -> bytes:
@@ -485,7 +485,7 @@ def test_make_shards_turns_a_folder_of_mixed_images_into_usable_samples(tmp_path
 def test_make_shards_refuses_a_missing_image_dir_and_a_file_as_output_dir(tmp_path):
     a_file = tmp_path / "shards"
     a_file.write_text("")
-    for flags in (["--output_dir", str(tmp_path / "out"), "--image_dir", str(tmp_path / "missing")],
-                  ["--output_dir", str(a_file)]):
-        result = run_script("scripts/make_shards.py", *flags)
+    for result in run_scripts(["scripts/make_shards.py", "--output_dir", str(tmp_path / "out"), "--image_dir",
+                               str(tmp_path / "missing")],
+                              ["scripts/make_shards.py", "--output_dir", str(a_file)]):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

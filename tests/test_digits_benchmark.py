@@ -5,7 +5,7 @@ import math
 import os
 import re
 
-from conftest import run_script
+from conftest import run_script, run_scripts
 
 
 def test_the_quick_benchmark_writes_table_plot_and_grids(tmp_path):
@@ -45,9 +45,10 @@ def test_evaluate_names_a_missing_model_or_a_checkpoint_in_one_line(tiny_teacher
 def test_evaluate_refuses_student_names_that_clash(tmp_path):
     """A student named teacher stopped with a KeyError after the teacher's sampling; two of one name
     kept only the last."""
-    for students, expected in [(["teacher=a"], "'teacher'"), (["SPLAM=a", "SPLAM=b"], "'SPLAM'"), (["=a"], "''")]:
-        result = run_script("scripts/evaluate.py", "--teacher", str(tmp_path), *[f"--student={item}" for item in students],
-                            "--w_scale", "3", "--out", str(tmp_path / "results.json"))
+    cases = [(["teacher=a"], "'teacher'"), (["SPLAM=a", "SPLAM=b"], "'SPLAM'"), (["=a"], "''")]
+    results = run_scripts(*[["scripts/evaluate.py", "--teacher", str(tmp_path), *[f"--student={item}" for item in students],
+                             "--w_scale", "3", "--out", str(tmp_path / "results.json")] for students, _ in cases])
+    for result, (_, expected) in zip(results, cases):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert f"--student names must be unique, not empty and not 'teacher' (the teacher's row), got {expected}" in \
             result.stderr.strip().splitlines()[-1]

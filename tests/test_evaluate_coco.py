@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from conftest import RESOLUTION, launch, run_script
+from conftest import RESOLUTION, launch, run_script, run_scripts
 
 CAPTIONS = {1: ["a cup of coffee", "coffee on a table"], 2: ["a rocket on a pad", "a rocket"], 3: ["a cat"],
             4: ["a galaxy", "stars in deep space", "the night sky"], 5: ["an astronaut"], 6: ["a colour wheel"]}
@@ -143,11 +143,11 @@ def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
         (world["student"], ["--reference_images", world["references"], "--steps", "1", "1000"], 1,
          "error: the row lcm-1000 cannot be sampled: "),
     ]
-    for model, flags, returncode, expected in cases:
-        out = str(world["root"] / "missing-input.json")
-        result = run_script("scripts/evaluate_coco.py", "--model", model, "--captions", world["captions"],
-                            "--num_images", "4", "--resolution", str(RESOLUTION), "--clip_model", world["clip"],
-                            "--fid_feature_extractor", world["extractor"], "--out", out, *flags)
+    out = str(world["root"] / "missing-input.json")
+    results = run_scripts(*[["scripts/evaluate_coco.py", "--model", model, "--captions", world["captions"], "--num_images", "4",
+                             "--resolution", str(RESOLUTION), "--clip_model", world["clip"], "--fid_feature_extractor",
+                             world["extractor"], "--out", out, *flags] for model, flags, _, _ in cases])
+    for result, (_, _, returncode, expected) in zip(results, cases):
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
         assert not glob.glob(str(world["root"] / "missing-input-images" / "*" / "*.png"))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from splam.lora import extract_lora
 
-from conftest import launch, run_script
+from conftest import launch, run_script, run_scripts
 
 PROMPT = "a rocket on a launch pad"
 
@@ -50,10 +50,11 @@ def test_the_folded_unet_is_plain_sd_and_samples_like_the_student(trained_studen
 
 
 def test_the_lora_converges_to_the_student_as_the_rank_grows(tiny_teacher, folded_student, tmp_path):
+    ranks = (1, 4, 16, 4096)
+    results = run_scripts(*[["scripts/extract_lora.py", "--teacher", tiny_teacher, "--student", folded_student,
+                             "--rank", str(rank), "--out", str(tmp_path / f"lora-{rank}"), "--report_error"] for rank in ranks])
     errors = {}
-    for rank in (1, 4, 16, 4096):
-        result = run_script("scripts/extract_lora.py", "--teacher", tiny_teacher, "--student", folded_student,
-                            "--rank", str(rank), "--out", str(tmp_path / f"lora-{rank}"), "--report_error")
+    for rank, result in zip(ranks, results):
         assert result.returncode == 0, result.stderr[-3000:]
         errors[rank] = float(re.search(r"against the student: (\S+)", result.stdout).group(1))
     reference = two_step_latents(StableDiffusionPipeline.from_pretrained(folded_student), "a photograph of an astronaut riding a horse")
@@ -69,15 +70,16 @@ def test_the_lora_converges_to_the_student_as_the_rank_grows(tiny_teacher, folde
 def test_the_sampling_cli_writes_a_grid(trained_student, tmp_path):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("a cat\n\na cup of coffee\n")
-    out = str(tmp_path / "grid.png")
-    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--prompt_file",
-                        str(prompt_file), "--num_images", "2", "--steps", "1", "--seed", "3", "--out", out)
+    grid, small = str(tmp_path / "grid.png"), str(tmp_path / "small.png")
+    result, small_result = run_scripts(
+        ["scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--prompt_file", str(prompt_file),
+         "--num_images", "2", "--steps", "1", "--seed", "3", "--out", grid],
+        ["scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--height", "32", "--width", "48", "--out", small],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert Image.open(out).size == (2 * 64, 3 * 64)
+    assert Image.open(grid).size == (2 * 64, 3 * 64)
     assert "6 images (3 prompts x 2), 1 steps" in result.stdout and "s per image on cpu" in result.stdout
-    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--height", "32",
-                        "--width", "48", "--out", out)
-    assert result.returncode == 0 and Image.open(out).size == (48, 32)
+    assert small_result.returncode == 0 and Image.open(small).size == (48, 32)
 
 
 def test_a_lora_without_bias_deltas_fuses_into_the_teacher(tiny_teacher, folded_student, tmp_path):
@@ -109,31 +111,32 @@ def last_line(result) -> str:
 def test_the_sampling_cli_refuses_a_checkpoint_or_a_missing_model_in_one_line(trained_student, tmp_path):
     unfinished = tmp_path / "unfinished run"
     shutil.copytree(f"{trained_student}/checkpoint-4", unfinished / "checkpoint-4")
-    cases = {
-        f"{trained_student}/checkpoint-4": "is a training checkpoint, not a pipeline",
-        str(unfinished): "holds no pipeline yet, only the checkpoints of a run that has not ended (newest: "
-                         "checkpoint-4): a run writes its pipeline at its end; to export one now, resume it with "
-                         "--resume_from_checkpoint=latest --max_train_steps=4",
-        str(tmp_path / "missing"): "cannot load a pipeline from",
-    }
-    for model, expected in cases.items():
-        result = run_script("scripts/sample.py", "--model", model, "--prompt", PROMPT, "--out", str(tmp_path / "grid.png"))
+    cases = [
+        (f"{trained_student}/checkpoint-4", ["--prompt", PROMPT], "is a training checkpoint, not a pipeline"),
+        (str(unfinished), ["--prompt", PROMPT],
+         "holds no pipeline yet, only the checkpoints of a run that has not ended (newest: checkpoint-4): a run writes "
+         "its pipeline at its end; to export one now, resume it with --resume_from_checkpoint=latest --max_train_steps=4"),
+        (str(tmp_path / "missing"), ["--prompt", PROMPT], "cannot load a pipeline from"),
+        (trained_student, ["--prompt_file", str(tmp_path / "missing.txt")], "cannot read --prompt_file"),
+    ]
+    results = run_scripts(*[["scripts/sample.py", "--model", model, *prompts, "--out", str(tmp_path / "grid.png")]
+                            for model, prompts, _ in cases])
+    for result, (_, _, expected) in zip(results, cases):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert last_line(result).startswith("error: ") and expected in last_line(result), last_line(result)
-    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt_file", str(tmp_path / "missing.txt"))
-    assert result.returncode == 1 and last_line(result).startswith("error: cannot read --prompt_file"), result.stderr[-3000:]
 
 
 def test_the_sampling_cli_checks_its_output_and_device_before_sampling(trained_student, tmp_path):
     # A name PIL cannot save, or a size the pipeline refuses, used to fail after the sampling; a
     # device the machine lacks (no machine has a hundredth GPU) or a misspelt one, with a traceback.
-    for flags in (["--out", str(tmp_path / "grid")], ["--height", "30"], ["--device", "cuda:99"], ["--device", "gpu"]):
-        result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, *flags)
+    out = tmp_path / "new folder" / "grid.png"
+    refused = [["--out", str(tmp_path / "grid")], ["--height", "30"], ["--device", "cuda:99"], ["--device", "gpu"]]
+    *results, written = run_scripts(*[["scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, *flags]
+                                      for flags in [*refused, ["--out", str(out)]]])
+    for result, flags in zip(results, refused):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert last_line(result).startswith("sample.py: error: " + flags[0]), last_line(result)
-    out = tmp_path / "new folder" / "grid.png"
-    result = run_script("scripts/sample.py", "--model", trained_student, "--prompt", PROMPT, "--out", str(out))
-    assert result.returncode == 0 and Image.open(out).size == (64, 64), result.stderr[-3000:]
+    assert written.returncode == 0 and Image.open(out).size == (64, 64), written.stderr[-3000:]
 
 
 def test_fold_gamma_never_overwrites_a_model_and_refuses_a_folded_model_or_checkpoint(tiny_teacher, trained_student,
@@ -146,8 +149,8 @@ def test_fold_gamma_never_overwrites_a_model_and_refuses_a_folded_model_or_check
         (folded_student, out, 1, "has no UNet with a gamma projection (time_cond_proj_dim) to fold"),
         (f"{trained_student}/checkpoint-4", out, 1, "is a training checkpoint, not a pipeline"),
     ]
-    for model, target, returncode, expected in cases:
-        result = run_script("scripts/fold_gamma.py", "--model", model, "--out", target)
+    results = run_scripts(*[["scripts/fold_gamma.py", "--model", model, "--out", target] for model, target, _, _ in cases])
+    for result, (_, _, returncode, expected) in zip(results, cases):
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in last_line(result), last_line(result)
     assert DiffusionPipeline.from_pretrained(trained_student).unet.config.time_cond_proj_dim is not None
@@ -169,9 +172,9 @@ def test_extract_lora_refuses_an_unfolded_or_foreign_student_and_a_file_as_out(t
         # diffusers only logs that a file is no folder: the script said it wrote the LoRA.
         (tiny_teacher, folded_student, out_file, 2, "is a file: give the folder to write the LoRA into"),
     ]
-    for teacher, student, out, returncode, expected in cases:
-        result = run_script("scripts/extract_lora.py", "--teacher", str(teacher), "--student", student, "--rank", "4",
-                            "--out", str(out))
+    results = run_scripts(*[["scripts/extract_lora.py", "--teacher", str(teacher), "--student", student, "--rank", "4",
+                             "--out", str(out)] for teacher, student, out, _, _ in cases])
+    for result, (_, _, _, returncode, expected) in zip(results, cases):
         assert result.returncode == returncode and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert expected in last_line(result), last_line(result)
 
@@ -193,10 +196,9 @@ def test_a_prompt_file_with_a_byte_order_mark_samples_its_prompts_as_written(tra
     """The mark a Windows editor puts at the start of a UTF-8 file became part of the first prompt."""
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text(PROMPT + "\n", encoding="utf-8-sig")
-    grids = []
-    for source in (["--prompt_file", str(prompt_file)], ["--prompt", PROMPT]):
-        out = tmp_path / f"grid-{len(grids)}.png"
-        result = run_script("scripts/sample.py", "--model", trained_student, *source, "--out", str(out))
+    sources = {"from-file.png": ["--prompt_file", str(prompt_file)], "as-flag.png": ["--prompt", PROMPT]}
+    for result in run_scripts(*[["scripts/sample.py", "--model", trained_student, *source, "--out", str(tmp_path / name)]
+                                for name, source in sources.items()]):
         assert result.returncode == 0, result.stderr[-3000:]
-        grids.append(torch.from_numpy(np.asarray(Image.open(out))))
+    grids = [torch.from_numpy(np.asarray(Image.open(tmp_path / name))) for name in sources]
     assert torch.equal(*grids)

@@ -13,14 +13,18 @@ from PIL import Image
 
 from splam.data import LatentSamples, ShardStream
 
-from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, run_script, training_command
+from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, run_script, run_scripts, training_command
 
 LATENTS = "--train_latents_path_or_url"
 
 
+def precompute_command(teacher, shards, output_dir, *flags):
+    return ["scripts/precompute_latents.py", f"--pretrained_teacher_model={teacher}", f"--train_shards_path_or_url={shards}",
+            f"--output_dir={output_dir}", *flags]
+
+
 def precompute(teacher, shards, output_dir, *flags):
-    return run_script("scripts/precompute_latents.py", f"--pretrained_teacher_model={teacher}",
-                      f"--train_shards_path_or_url={shards}", f"--output_dir={output_dir}", *flags)
+    return run_script(*precompute_command(teacher, shards, output_dir, *flags))
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +171,9 @@ def test_precompute_refuses_a_missing_teacher_and_a_file_as_output_dir_in_one_li
     not_a_folder.write_text("")
     cases = [(tmp_path / "missing", tmp_path / "out", "error: cannot load the teacher's tokenizer from"),
              (tiny_teacher, not_a_folder, "error: --output_dir")]
-    for teacher, output_dir, expected in cases:
-        result = precompute(teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}")
+    results = run_scripts(*[precompute_command(teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}")
+                            for teacher, output_dir, _ in cases])
+    for result, (_, _, expected) in zip(results, cases):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-3000:]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from splam.args import SetupError, parse_args
 from splam.checkpoints import read_training_state
 
-from conftest import REPO_ROOT, launch, logged_scalars, run_script, training_command
+from conftest import REPO_ROOT, launch, logged_scalars, run_script, run_scripts, training_command
 
 
 def safetensors_of(folder):
@@ -317,27 +317,30 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards
     """A checkpoint damaged after it was written (a folder deleted by hand, a file cut short by a
     full or failing disk) stops the resume with one `error:` line that names it, not a traceback
     that names another folder."""
-    output_dir = str(tmp_path / "run")
-    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2")
-    checkpoint = os.path.join(output_dir, "checkpoint-2")
-    shutil.copytree(checkpoint, str(tmp_path / "intact"))
-    weights = os.path.join(checkpoint, "unet_target", "diffusion_pytorch_model.safetensors")
-    config = os.path.join(checkpoint, "unet", "config.json")
-    damages = {"no unet_target/config.json": lambda: shutil.rmtree(os.path.join(checkpoint, "unet_target")),
-               "not a valid JSON file": lambda: os.truncate(config, os.path.getsize(config) // 2),
-               "diffusion_pytorch_model.safetensors": lambda: os.truncate(weights, os.path.getsize(weights) // 2),
-               "EOFError": lambda: open(os.path.join(checkpoint, "optimizer.bin"), "wb").close()}
-    for named, damage in damages.items():
-        shutil.rmtree(checkpoint)
-        shutil.copytree(str(tmp_path / "intact"), checkpoint)
-        damage()
-        result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
-                                              "--checkpointing_steps=2", "--resume_from_checkpoint=latest"))
+    run = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, run, "--max_train_steps=2", "--checkpointing_steps=2")
+    damages = {"no unet_target/config.json": lambda checkpoint: shutil.rmtree(checkpoint / "unet_target"),
+               "not a valid JSON file": lambda checkpoint: cut_in_half(checkpoint / "unet" / "config.json"),
+               "diffusion_pytorch_model.safetensors":
+                   lambda checkpoint: cut_in_half(checkpoint / "unet_target" / "diffusion_pytorch_model.safetensors"),
+               "EOFError": lambda checkpoint: (checkpoint / "optimizer.bin").write_bytes(b"")}
+    output_dirs = [tmp_path / f"damaged-{index}" for index in range(len(damages))]
+    for output_dir, damage in zip(output_dirs, damages.values()):
+        shutil.copytree(run, output_dir)
+        damage(output_dir / "checkpoint-2")
+    results = run_scripts(*[training_command(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=4",
+                                             "--checkpointing_steps=2", "--resume_from_checkpoint=latest")
+                            for output_dir in output_dirs])
+    for result, output_dir, named in zip(results, output_dirs, damages):
         assert result.returncode != 0
         message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert message and f"cannot resume from {checkpoint}, which is damaged" in message[0] and named in message[0], \
-            result.stderr[-3000:]
+        assert message and f"cannot resume from {output_dir / 'checkpoint-2'}, which is damaged" in message[0] \
+            and named in message[0], result.stderr[-3000:]
         assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+
+
+def cut_in_half(path):
+    os.truncate(path, os.path.getsize(path) // 2)
 
 
 def test_a_resume_with_another_student_architecture_is_refused_not_called_damaged(tiny_teacher, tiny_shards, tmp_path):
