@@ -152,38 +152,43 @@ def tracker_init_kwargs(args) -> dict:
     return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
 
 
+def stop_every_process_on(failure) -> None:
+    """Raise ``SetupError(failure)`` on every process where the main process, which alone did a set-up
+    step, reports a failure (``None`` there when all went well, ignored elsewhere): the others would
+    otherwise wait for it at the next collective and die with the backend's traceback."""
+    answer = [failure]
+    broadcast_object_list(answer)
+    if answer[0] is not None:
+        raise SetupError(answer[0])
+
+
 def start_trackers(accelerator, args) -> None:
     """Start the trackers on the main process, before any weight is loaded: a tracker that cannot
     start (wandb without a login or API key, a logging folder that cannot be written) stops the
     run with one line on every process."""
-    answer = [None]
+    failure = None
     if accelerator.is_main_process:
         try:
             accelerator.init_trackers(args.tracker_project_name, config=public_config(args),
                                       init_kwargs=tracker_init_kwargs(args))
         except Exception as error:  # each tracker library raises its own errors
-            answer = [f"--report_to={args.report_to}: the trackers cannot start ({one_line(error)})"]
-    broadcast_object_list(answer)
-    if answer[0] is not None:
-        raise SetupError(answer[0])
+            failure = f"--report_to={args.report_to}: the trackers cannot start ({one_line(error)})"
+    stop_every_process_on(failure)
 
 
 def make_publisher(accelerator, args):
     """The main process's ``HubPublisher`` with ``--push_to_hub`` or ``--push_checkpoints`` (``None``
-    elsewhere), its repository created now: a repository that cannot be created stops every process
-    with one line, as the others would otherwise wait for the main process at the next collective."""
+    elsewhere), its repository created now: one that cannot be created stops every process with one line."""
     if not (args.push_to_hub or args.push_checkpoints):
         return None
-    publisher, answer = None, [None]
+    publisher, failure = None, None
     if accelerator.is_main_process:
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         try:
             publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
-            answer = [f"cannot create the Hub repository {repo_id!r}: {one_line(error)}"]
-    broadcast_object_list(answer)
-    if answer[0] is not None:
-        raise SetupError(answer[0])
+            failure = f"cannot create the Hub repository {repo_id!r}: {one_line(error)}"
+    stop_every_process_on(failure)
     return publisher
 
 
