@@ -1,6 +1,7 @@
 """The model card (``README.md``) of a distilled pipeline, in the Hub's format."""
 
 import os
+import re
 
 from huggingface_hub import ModelCard, hf_hub_download
 
@@ -29,10 +30,14 @@ def teacher_license(args):
 
 
 def table_code(value) -> str:
-    """``value`` as inline code in a Markdown table cell, where a ``|`` (a shard command's pipe) ends the
-    cell even inside code unless escaped."""
-    text = str(value).replace("|", "\\|")
-    return f"`{text}`"
+    """``value`` as inline code in a Markdown table cell. A ``|`` (a shard command's pipe) ends the
+    cell even inside code unless escaped, a line break ends the row, and a code span ends at the first
+    run of as many backticks as opened it: so the span opens with one backtick more than the longest
+    run inside, padded with a space where the value starts or ends with one (CommonMark strips it)."""
+    text = re.sub(r"\s*\n\s*", " ", str(value)).replace("|", "\\|")
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def model_card(args, global_step: int, samples_seen: int, grid_file: str, license_name=None, repo_id=None) -> str:

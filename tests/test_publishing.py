@@ -1,13 +1,15 @@
 """Publishing through the real huggingface_hub client, against a Hub-compatible server on loopback."""
 
 import argparse
+import html
 import os
+import re
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard, constants
 
-from splam.args import parse_args
+from splam.args import parse_args, public_config
 from splam.hub import HubError, HubPublisher
 from splam.model_card import model_card
 
@@ -109,17 +111,27 @@ def test_a_teacher_from_the_hub_is_the_cards_base_model():
     assert 'from_pretrained("splam-sd15")' in text
 
 
-def test_a_pipe_in_a_setting_stays_in_its_cell_of_the_cards_table():
-    """Markdown ends a table cell at a ``|``, inside code too: a shard command that pipes its download
-    through a decompressor split its row into extra cells."""
-    import re
+def test_every_setting_stays_in_its_cell_of_the_cards_table_as_written():
+    """Markdown ends a table cell at a ``|``, inside code too (a shard command that pipes its download
+    through a decompressor split its row into extra cells), a row at a line break, and a code span at
+    its first backtick unless opened with more; the table is read back with a Markdown renderer."""
+    from markdown_it import MarkdownIt
 
-    shards = "pipe:curl -s -L https://example.org/{00000..00009}.tar.zst | zstd -d"
-    args = parse_args(["--pretrained_teacher_model=t", f"--train_shards_path_or_url={shards}", "--max_train_steps=1",
-                       "--validation_prompts", "a cat | a dog"])
-    rows = [line for line in model_card(args, 1, 2, "samples.png").splitlines() if line.startswith("| `")]
-    assert rows and all(len(re.findall(r"(?<!\\)\|", row)) == 3 for row in rows)
-    assert "| `train_shards_path_or_url` | `pipe:curl -s -L https://example.org/{00000..00009}.tar.zst \\| zstd -d` |" in rows
+    values = {"train_shards_path_or_url": "pipe:curl -s -L https://example.org/{00000..00009}.tar.zst | zstd -d",
+              "tracker_project_name": "`quoted` and a `` double",
+              "hub_model_id": "`edge`", "logging_dir": "two\nlines"}
+    prompts = ["a cat | a dog", "a `dog`"]
+    args = parse_args(["--pretrained_teacher_model=t", "--max_train_steps=1", "--validation_prompts", *prompts,
+                       *[f"--{flag}={value}" for flag, value in values.items()]])
+    card = model_card(args, 1, 2, "samples.png")
+    table = card[card.index("| flag | value |"):].split("\n\n")[0]
+    cells = re.findall(r"<tr>\s*<td><code>(.*?)</code></td>\s*<td><code>(.*?)</code></td>\s*</tr>",
+                       MarkdownIt("commonmark").enable("table").render(table), re.S)
+    settings = public_config(args)
+    assert {flag: html.unescape(value) for flag, value in cells} == {
+        flag: str(value).replace("\n", " ") for flag, value in settings.items()}, table
+    assert [settings[flag] for flag in values] == list(values.values())
+    assert "`dog`" in settings["validation_prompts"]
 
 
 def test_a_failed_final_upload_says_where_the_pipeline_is(hub, tmp_path):
