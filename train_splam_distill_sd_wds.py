@@ -30,12 +30,12 @@ from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.utils.import_utils import is_xformers_available
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from splam import update_ema
 from splam.args import SetupError, known_tokens, one_line, parse_args, public_config, redact_secrets, redact_tokens
 from splam.checkpoints import (
+    WRITE_ERRORS,
     CheckpointError,
     check_resumable,
     ema_checksums,
@@ -433,7 +433,7 @@ def main(args):
                 teacher_scheduler.config, global_step, samples_seen,
                 repo_id=publisher.repo_id if args.push_to_hub else None,
             )
-        except (OSError, RuntimeError, SafetensorError) as error:  # a full disk, no permission
+        except WRITE_ERRORS as error:
             raise CheckpointError(
                 f"could not write the distilled pipeline into {args.output_dir} ({one_line(error)}): "
                 "make room, then --resume_from_checkpoint=latest writes it again from the newest checkpoint"

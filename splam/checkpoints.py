@@ -20,6 +20,7 @@ import shutil
 import torch
 from accelerate.utils import SCALER_NAME, DistributedType
 from diffusers import UNet2DConditionModel
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .args import SetupError, one_line
@@ -29,6 +30,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
 # Bumped when training_state.json or the checkpoint's files change meaning.
 TRAINING_STATE_FORMAT = 3
+# What a failed write of weights raises (a full disk, no permission): torch.save reports it as
+# RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 class CheckpointError(RuntimeError):
@@ -145,7 +149,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
             with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
                 json.dump({"format": TRAINING_STATE_FORMAT, **training_state}, handle, indent=2)
             os.replace(staging_path, final_path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+    except WRITE_ERRORS as error:
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
         raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error

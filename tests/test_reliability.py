@@ -386,6 +386,27 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_tea
     assert after == before
 
 
+def test_a_full_disk_while_the_unets_are_written_stops_with_the_path_and_leaves_no_partial(tmp_path):
+    """safetensors writes the UNets, most of a checkpoint's bytes and so where a disk fills up, and
+    reports the failed write as SafetensorError, not as OSError or torch.save's RuntimeError: the
+    run ended in its traceback, leaving the staging folder on the full disk."""
+    from accelerate import Accelerator
+    from safetensors import SafetensorError
+
+    from splam.checkpoints import CheckpointError, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+
+    def save_state_on_a_full_disk(path):
+        os.makedirs(os.path.join(path, "unet"))
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    accelerator.save_state = save_state_on_a_full_disk
+    with pytest.raises(CheckpointError, match=f"could not write the checkpoint {tmp_path}/checkpoint-2: .*No space left"):
+        save_checkpoint(accelerator, str(tmp_path), 2, {"global_step": 2})
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path):
     """A full disk at the final export ends the run with one `error:` line that says how to write it again."""
     output_dir = str(tmp_path / "run")
