@@ -28,7 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
@@ -51,7 +51,7 @@ from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
 from splam.output_dir import check_output_dir_is_not_the_teacher, claim_output_dir, prepare_output_dir
-from splam.sharding import check_fsdp_options, configure_deepspeed, whole_student
+from splam.sharding import check_fsdp_options, configure_deepspeed, raise_on_every_process, whole_student
 from splam.training import (
     build_distillation_models,
     encode_batch,
@@ -152,16 +152,6 @@ def tracker_init_kwargs(args) -> dict:
     return {"wandb": {"dir": os.path.join(args.output_dir, args.logging_dir)}}
 
 
-def stop_every_process_on(failure) -> None:
-    """Raise ``SetupError(failure)`` on every process where the main process, which alone did a set-up
-    step, reports a failure (``None`` there when all went well, ignored elsewhere): the others would
-    otherwise wait for it at the next collective and die with the backend's traceback."""
-    answer = [failure]
-    broadcast_object_list(answer)
-    if answer[0] is not None:
-        raise SetupError(answer[0])
-
-
 def start_trackers(accelerator, args) -> None:
     """Start the trackers on the main process, before any weight is loaded: a tracker that cannot
     start (wandb without a login or API key, a logging folder that cannot be written) stops the
@@ -173,7 +163,7 @@ def start_trackers(accelerator, args) -> None:
                                       init_kwargs=tracker_init_kwargs(args))
         except Exception as error:  # each tracker library raises its own errors
             failure = f"--report_to={args.report_to}: the trackers cannot start ({one_line(error)})"
-    stop_every_process_on(failure)
+    raise_on_every_process(failure, SetupError)
 
 
 def make_publisher(accelerator, args):
@@ -188,7 +178,7 @@ def make_publisher(accelerator, args):
             publisher = HubPublisher(repo_id, token=args.hub_token, private=args.hub_private_repo)
         except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
             failure = f"cannot create the Hub repository {repo_id!r}: {one_line(error)}"
-    stop_every_process_on(failure)
+    raise_on_every_process(failure, SetupError)
     return publisher
 
 
@@ -196,6 +186,7 @@ def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> N
     """Sample the validation prompts with the EMA target and the online student (every process
     takes part: under FSDP2 the whole student is gathered)."""
     student = whole_student(accelerator, unet)
+    failure = None
     if accelerator.is_main_process:
         try:
             log_validation(
@@ -205,11 +196,10 @@ def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> N
                 args, step,
             )
         except OSError as error:  # a full disk, no permission
-            raise CheckpointError(
-                f"could not write the validation images of step {step} into "
-                f"{os.path.join(args.output_dir, 'validation')} ({one_line(error)}): make room, then "
-                "--resume_from_checkpoint=latest goes on from the newest checkpoint"
-            ) from error
+            failure = (f"could not write the validation images of step {step} into "
+                       f"{os.path.join(args.output_dir, 'validation')} ({one_line(error)}): make room, then "
+                       "--resume_from_checkpoint=latest goes on from the newest checkpoint")
+    raise_on_every_process(failure, CheckpointError)
 
 
 def main(args):

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .args import SetupError, one_line
-from .sharding import whole_student
+from .sharding import raise_on_every_process, whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAINING_STATE = "training_state.json"
@@ -142,17 +142,28 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
                 glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):
             shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+    def write_failure(write):
+        try:
+            write()
+        except WRITE_ERRORS as error:
+            return f"could not write the checkpoint {final_path}: {one_line(error)}"
+        return None
+
+    def complete():  # training_state.json marks a complete checkpoint
+        with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
+            json.dump({"format": TRAINING_STATE_FORMAT, **training_state}, handle, indent=2)
+        os.replace(staging_path, final_path)
+
+    # Every process writes into the staging folder (its RNG state; the main one the UNets and the
+    # optimizer too), which is completed once all have written; a failure on any process stops all.
     try:
-        accelerator.save_state(staging_path)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:
-                json.dump({"format": TRAINING_STATE_FORMAT, **training_state}, handle, indent=2)
-            os.replace(staging_path, final_path)
-    except WRITE_ERRORS as error:
+        raise_on_every_process(write_failure(lambda: accelerator.save_state(staging_path)), CheckpointError)
+        raise_on_every_process(write_failure(complete) if accelerator.is_main_process else None, CheckpointError)
+    except CheckpointError:
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
-        raise CheckpointError(f"could not write the checkpoint {final_path}: {error}") from error
+        raise
     if accelerator.is_main_process and total_limit is not None:
         for old_path in list_checkpoints(output_dir)[:-total_limit]:
             doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")

@@ -6,10 +6,13 @@ FSDP2 (``fsdp_version: 2``) each holds a shard: its parameters are DTensors, and
 reads the whole student (a checkpoint's ``unet/``, validation, the export) needs the
 shards gathered first, by every process together. Only the student is sharded: the
 teacher, the VAE, the text encoder and the EMA target stay whole on every process.
+
+What one process alone does (the main one writes validation images, a checkpoint's UNets)
+can fail there alone: ``raise_on_every_process`` stops the others with its message.
 """
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from diffusers import UNet2DConditionModel
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
@@ -76,3 +79,14 @@ def whole_student(accelerator, unet):
         copy = UNet2DConditionModel.from_config(student.config)
     copy.load_state_dict(state_dict, assign=True)
     return copy.float()
+
+
+def raise_on_every_process(failure, error_class) -> None:
+    """Raise ``error_class(failure)`` on every process where any process reports a failure (its
+    message; ``None`` where all went well there), the first process's failure if several do. A
+    collective, to call on every process: where one process stopped alone, the others would wait
+    for it at the next collective and die with the backend's traceback (under NCCL after its
+    timeout, 10 minutes by default)."""
+    failures = [message for message in gather_object([failure]) if message is not None]
+    if failures:
+        raise error_class(failures[0])

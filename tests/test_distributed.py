@@ -235,6 +235,20 @@ def test_a_hub_repository_that_cannot_be_created_stops_every_process_with_one_li
     assert "Loading weights" not in result.stderr
 
 
+def test_validation_images_that_cannot_be_written_stop_every_process_with_one_line(tiny_teacher, tiny_shards, tmp_path):
+    """Only the main process validates: the other one went on to the next step's collective and died
+    there with gloo's traceback (under NCCL after the collective timeout). A checkpoint the main
+    process fails to write stops them alike (splam.sharding.raise_on_every_process)."""
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "validation").write_text("")
+    result = torchrun(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--validation_steps=1",
+                      "--validation_prompts", "a cat", check=False)
+    assert result.returncode != 0 and "[rank1]: Traceback" not in result.stderr, result.stderr[-5000:]
+    stops = [line for line in result.stderr.splitlines() if line.startswith("error: could not write the validation images")]
+    assert len(stops) == 2, result.stderr[-5000:]
+
+
 def deepspeed_launch(teacher, shards, output_dir, mixed_precision, *flags):
     """configs/deepspeed_zero2.yaml on one CPU process: DeepSpeed's CPU accelerator has no fp16,
     and accelerate counts one process per launch on a CPU under DeepSpeed."""
