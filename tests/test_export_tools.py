@@ -49,6 +49,44 @@ def test_the_folded_unet_is_plain_sd_and_samples_like_the_student(trained_studen
     torch.testing.assert_close(latents, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_an_export_killed_midway_leaves_no_folder_that_loads_as_a_pipeline(tiny_teacher, tiny_shards, tmp_path,
+                                                                            monkeypatch):
+    """A folder is a pipeline by its model_index.json, which diffusers wrote after the components but
+    before the online UNet, the sample grid and the model card; and a re-export (a finished run
+    resumed for more steps) overwrote the components under the earlier export's index. A run killed
+    mid-export left a folder that loaded half of one export, or a mix of two."""
+    from splam.args import parse_args
+    from splam.export import export_pipeline
+    from splam.models import (build_student, build_target, load_teacher_scheduler, load_teacher_unet,
+                              load_text_encoder_and_vae)
+
+    output_dir = tmp_path / "run"
+    args = parse_args([f"--pretrained_teacher_model={tiny_teacher}", f"--train_shards_path_or_url={tiny_shards}",
+                       f"--output_dir={output_dir}", "--max_train_steps=1", "--resolution=64",
+                       "--validation_prompts", PROMPT])
+    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+    student = build_student(args, load_teacher_unet(args))
+
+    def export():
+        export_pipeline(args, tokenizer, text_encoder, vae, build_target(student), student,
+                        load_teacher_scheduler(args).config, global_step=1, samples_seen=2)
+
+    export()
+    written = {path.name: path.stat().st_mtime_ns for path in output_dir.iterdir()}
+    assert written["model_index.json"] == max(written.values()), written
+
+    class Killed(BaseException):
+        pass
+
+    def killed_while_writing(*_, **__):
+        raise Killed
+
+    monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", killed_while_writing)
+    with pytest.raises(Killed):
+        export()
+    assert not (output_dir / "model_index.json").exists()
+
+
 def test_the_lora_converges_to_the_student_as_the_rank_grows(tiny_teacher, folded_student, tmp_path):
     ranks = (1, 4, 16, 4096)
     results = run_scripts(*[["scripts/extract_lora.py", "--teacher", tiny_teacher, "--student", folded_student,
