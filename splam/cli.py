@@ -4,7 +4,7 @@ stops them with one ``error:`` line, not the libraries' tracebacks."""
 import os
 
 from .args import one_line
-from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints
+from .checkpoints import CHECKPOINT_PATTERN, TRAINING_STATE, checkpoint_step, list_checkpoints
 from .data import text_encoding
 
 
@@ -14,8 +14,13 @@ def training_output_error(path: str):
     if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "model_index.json")):
         return None
     if os.path.isfile(os.path.join(path, TRAINING_STATE)):
-        return (f"{path} is a training checkpoint, not a pipeline: to export one from it, resume its run from it "
-                "(--resume_from_checkpoint) with --max_train_steps at its step (nothing more is trained)")
+        # Into another folder: the run's own output_dir refuses a resume below its newest checkpoint, and
+        # would have its pipeline, maybe of a later step than any checkpoint, replaced by this one's.
+        named = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+        step = named.group(1) if named else "<its step>"
+        return (f"{path} is a training checkpoint, not a pipeline: to export one from it, resume its run from it into "
+                f"another folder, --resume_from_checkpoint={path} --max_train_steps={step} "
+                "--output_dir=<a new folder> (nothing more is trained)")
     checkpoints = list_checkpoints(path)
     if checkpoints:
         return (f"{path} holds no pipeline yet, only the checkpoints of a run that has not ended (newest: "

@@ -164,6 +164,20 @@ def test_the_sampling_cli_refuses_a_checkpoint_or_a_missing_model_in_one_line(tr
         assert last_line(result).startswith("error: ") and expected in last_line(result), last_line(result)
 
 
+def test_a_checkpoint_is_exported_into_another_folder_than_its_runs(tmp_path):
+    """The scripts said to resume the checkpoint's run from it with --max_train_steps at its step: in
+    the run's own output_dir that is refused below its newest checkpoint, and from the newest one,
+    where the run ended past it (its last step no checkpoint's), it replaced the run's pipeline, whose
+    weights no checkpoint holds."""
+    from splam.cli import training_output_error
+
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text("{}")
+    assert (f"--resume_from_checkpoint={checkpoint} --max_train_steps=4 --output_dir=<a new folder>"
+            in training_output_error(str(checkpoint)))
+
+
 def test_the_sampling_cli_checks_its_output_and_device_before_sampling(trained_student, tmp_path):
     # A name PIL cannot save, or a size the pipeline refuses, used to fail after the sampling; a
     # device the machine lacks (no machine has a hundredth GPU) or a misspelt one, with a traceback.
