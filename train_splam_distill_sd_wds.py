@@ -445,11 +445,18 @@ def stop_on_signal(signum, frame):
     raise KeyboardInterrupt(name)
 
 
-def stopped_message(error: KeyboardInterrupt, output_dir: str) -> str:
-    checkpoints = list_checkpoints(output_dir)
-    resume = f"from {checkpoints[-1]}" if checkpoints else "from the start (no checkpoint yet)"
-    return (f"stopped by {error.args[0] if error.args else 'SIGINT'}: relaunch with --resume_from_checkpoint=latest "
-            f"to go on {resume}")
+def stopped_message(error: KeyboardInterrupt, args) -> str:
+    """What stopped the run and how a relaunch goes on from where it was. A run resumed from a checkpoint
+    outside ``output_dir`` that has written none there yet goes on from that one again: ``latest``
+    would start afresh."""
+    stopped = f"stopped by {error.args[0] if error.args else 'SIGINT'}"
+    checkpoints = list_checkpoints(args.output_dir)
+    if checkpoints:
+        return f"{stopped}: relaunch with --resume_from_checkpoint=latest to go on from {checkpoints[-1]}"
+    if args.resume_from_checkpoint not in (None, "latest"):
+        return (f"{stopped}: relaunch with --resume_from_checkpoint={args.resume_from_checkpoint} to go on from it "
+                f"(--output_dir {args.output_dir} holds no checkpoint yet)")
+    return f"{stopped}: relaunch with --resume_from_checkpoint=latest to go on from the start (no checkpoint yet)"
 
 
 if __name__ == "__main__":
@@ -460,7 +467,7 @@ if __name__ == "__main__":
     try:
         main(arguments)
     except KeyboardInterrupt as error:
-        sys.exit(f"error: {stopped_message(error, arguments.output_dir)}")
+        sys.exit(f"error: {stopped_message(error, arguments)}")
     except (SetupError, CheckpointError, NonFiniteError, HubError) as error:
         sys.exit(f"error: {error}")
     except DataError as error:

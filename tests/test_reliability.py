@@ -151,6 +151,22 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
                                 f"on from {output_dir}/checkpoint-"), errors[0]
 
 
+def test_a_run_resumed_from_another_folder_and_stopped_says_to_resume_from_that_checkpoint_again(tmp_path):
+    """Stopped before its first checkpoint in its own output_dir, it said to relaunch with latest,
+    which there starts a new run from the teacher."""
+    from train_splam_distill_sd_wds import stopped_message
+
+    resumed_from, output_dir = tmp_path / "old" / "checkpoint-4", tmp_path / "new"
+    args = parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar",
+                       f"--output_dir={output_dir}", f"--resume_from_checkpoint={resumed_from}", "--max_train_steps=8"])
+    assert stopped_message(KeyboardInterrupt("SIGTERM"), args) == (
+        f"stopped by SIGTERM: relaunch with --resume_from_checkpoint={resumed_from} to go on from it "
+        f"(--output_dir {output_dir} holds no checkpoint yet)")
+    (output_dir / "checkpoint-6").mkdir(parents=True)
+    assert stopped_message(KeyboardInterrupt("SIGTERM"), args) == (
+        f"stopped by SIGTERM: relaunch with --resume_from_checkpoint=latest to go on from {output_dir}/checkpoint-6")
+
+
 def test_a_ctrl_c_that_python_ignores_in_a_fork_hook_still_stops_the_run(tiny_teacher, tiny_shards, tmp_path):
     """Python ignores an exception raised in an at-fork hook (logging registers one), and a segment
     starts its loader worker with a fork: a Ctrl-C landing there must still stop the run. The
