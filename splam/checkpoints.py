@@ -18,7 +18,7 @@ import re
 import shutil
 
 import torch
-from accelerate.utils import SCALER_NAME, DistributedType
+from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, DistributedType, load
 from diffusers import UNet2DConditionModel
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
@@ -27,6 +27,7 @@ from .args import SetupError, one_line
 from .sharding import raise_on_every_process, whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+RNG_STATE_PATTERN = re.compile(rf"^{RNG_STATE_NAME}_(\d+)\.pkl$")
 TRAINING_STATE = "training_state.json"
 # Bumped when training_state.json or the checkpoint's files change meaning.
 TRAINING_STATE_FORMAT = 3
@@ -226,6 +227,23 @@ def optimizer_hyperparameters(optimizer) -> list:
     return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
 
+def rng_state_damage(checkpoint_path: str, process_index: int):
+    """Why the RNG state of process ``process_index`` in ``checkpoint_path`` cannot be restored, or
+    ``None`` (also where the checkpoint's run had fewer processes). ``load_state`` notes a missing or
+    unreadable one at the info level only, and the resume then silently draws other noise than the
+    uninterrupted run would have."""
+    name = f"{RNG_STATE_NAME}_{process_index}.pkl"
+    path = os.path.join(checkpoint_path, name)
+    if not os.path.isfile(path):
+        saved = [int(match.group(1)) for match in map(RNG_STATE_PATTERN.match, os.listdir(checkpoint_path)) if match]
+        return f"no {name}" if process_index <= max(saved, default=0) else None
+    try:
+        load(path)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # cut short, garbage
+        return f"{name}: {one_line(error)}"
+    return None
+
+
 def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, hyperparameters) -> list:
     """Resume from ``checkpoint_path``: ``accelerator.load_state``, then this run's optimizer
     hyperparameters (``apply_hyperparameters``, whose list of changes it returns).
@@ -240,13 +258,15 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     an fp16 run (and would report as a missing file): the scaler then starts from its initial
     scale, as a new fp16 run's does, and the returned changes say so.
     """
-    def damaged(reason: str) -> CheckpointError:
-        return CheckpointError(f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
-                               "move it out of the folder to resume from the checkpoint before it")
+    def damage_message(reason: str) -> str:
+        return (f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
+                "move it out of the folder to resume from the checkpoint before it")
 
     missing = [name for name in ("unet", "unet_target") if not os.path.isfile(os.path.join(checkpoint_path, name, "config.json"))]
-    if missing:
-        raise damaged(f"no {' or '.join(missing)}/config.json")
+    # Each process reads its own RNG state (and on several machines its own disk's copy of the
+    # checkpoint), so one process alone may find it damaged.
+    damage = f"no {' or '.join(missing)}/config.json" if missing else rng_state_damage(checkpoint_path, accelerator.process_index)
+    raise_on_every_process(None if damage is None else damage_message(damage), CheckpointError)
     scaler = accelerator.scaler
     new_scaler = scaler is not None and not os.path.isfile(os.path.join(checkpoint_path, SCALER_NAME))
     if new_scaler:
@@ -254,10 +274,10 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
     try:
         accelerator.load_state(checkpoint_path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
-        raise damaged(one_line(error)) from error
+        raise CheckpointError(damage_message(one_line(error))) from error
     except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint (a BaseException)
         failures = [failure for failure, _ in error.failures.values()]
-        raise damaged(one_line(failures[0]) if failures else type(error).__name__) from error
+        raise CheckpointError(damage_message(one_line(failures[0]) if failures else type(error).__name__)) from error
     finally:
         accelerator.scaler = scaler
     accelerator.step = 0

@@ -341,7 +341,7 @@ def checkpoint(tmp_path, distributed_type, files=None):
 
 
 def accelerator_for(distributed_type, load_state=None):
-    return types.SimpleNamespace(distributed_type=distributed_type, load_state=load_state, scaler=None)
+    return types.SimpleNamespace(distributed_type=distributed_type, load_state=load_state, scaler=None, process_index=0)
 
 
 @pytest.mark.parametrize("written, files", WRITTEN)
@@ -382,6 +382,7 @@ def test_a_damaged_fsdp_checkpoint_is_refused_with_one_line(tmp_path):
         raise CheckpointException("read_metadata", {0: (FileNotFoundError("no such file: __0_0.distcp"), None)})
 
     path = checkpoint(tmp_path, DistributedType.FSDP)
+    torch.save({}, os.path.join(path, "random_states_0.pkl"))  # readable: the shards are what is damaged
     with pytest.raises(CheckpointError, match=f"cannot resume from {path}, which is damaged \\(no such file: __0_0.distcp\\)"):
         load_checkpoint(accelerator_for(DistributedType.FSDP, load_state), path, None, None, [])
 

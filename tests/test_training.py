@@ -117,6 +117,26 @@ def test_a_checkpoint_of_a_run_without_grad_scaler_resumes_under_fp16(tmp_path):
     assert changes == ["fp16's grad scaler, from its initial scale 1024 (the checkpoint's run had none: bf16 or fp32)"]
 
 
+def test_a_checkpoint_whose_rng_state_is_cut_short_or_missing_is_refused_as_damaged(tmp_path):
+    """accelerate's load_state notes an RNG state it cannot read at the info level and goes on: the
+    resume silently drew other noise than the run that never stopped. A process the checkpoint's run
+    did not have (a resume on more processes) has no RNG state to restore."""
+    from accelerate import Accelerator
+
+    from splam.checkpoints import CheckpointError, load_checkpoint, rng_state_damage
+
+    accelerator = Accelerator(cpu=True)
+    checkpoint = tmp_path / "checkpoint"
+    _, optimizer, lr_scheduler, hyperparameters = linear_model_checkpoint(accelerator, checkpoint)
+    assert rng_state_damage(str(checkpoint), 1) is None
+    rng_state = checkpoint / "random_states_0.pkl"
+    os.truncate(rng_state, rng_state.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"which is damaged \(random_states_0.pkl: "):
+        load_checkpoint(accelerator, str(checkpoint), optimizer, lr_scheduler, hyperparameters)
+    rng_state.unlink()
+    assert rng_state_damage(str(checkpoint), 0) == "no random_states_0.pkl"
+
+
 @pytest.mark.parametrize("resume_state, expected", [
     (None, 7),  # 2 epochs of 10 samples in batches of 3: ceil(20 / 3)
     ({"global_step": 4, "samples_seen": 12}, 7),  # the same batches after a resume
