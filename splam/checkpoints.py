@@ -128,6 +128,15 @@ def register_unet_hooks(accelerator, target_unet) -> None:
     accelerator.register_load_state_pre_hook(load_unets)
 
 
+def remove_killed_saves(output_dir: str) -> None:
+    """Remove what a run killed while it saved (a staging folder) or rotated (a half-deleted
+    checkpoint) left in ``output_dir``, each up to a whole checkpoint on the disk. Only while
+    ``output_dir`` is locked for this run: no live run writes them then."""
+    for leftover in glob.glob(os.path.join(output_dir, ".checkpoint-*.partial")) + \
+            glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None) -> str:
     """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``.
 
@@ -136,12 +145,6 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
     """
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
-    if accelerator.is_main_process:
-        # Left by a killed run (output_dir is locked, so by no live one), whatever its interval and
-        # limit: removed before this checkpoint takes their room on the disk.
-        for leftover in glob.glob(os.path.join(output_dir, ".checkpoint-*.partial")) + \
-                glob.glob(os.path.join(output_dir, ".checkpoint-*.deleting")):
-            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
 
     def write_failure(write):

@@ -15,7 +15,7 @@ import tempfile
 from accelerate.utils import broadcast_object_list
 
 from .args import SetupError
-from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints, read_training_state
+from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints, read_training_state, remove_killed_saves
 
 LOCK_FILE = ".training.lock"
 
@@ -128,6 +128,9 @@ def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
     if accelerator.is_main_process:
         try:
             lock = lock_output_dir(output_dir)
+            # Now, not at this run's first save: a run that saves none (one resumed at its last step to
+            # export) would leave them in the finished folder.
+            remove_killed_saves(output_dir)
             check_checkpoints_are_complete(output_dir)
             path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
             state = read_training_state(path) if path else None

@@ -228,7 +228,7 @@ def test_latest_ignores_an_incomplete_checkpoint(tiny_teacher, tiny_shards, tmp_
 
 def test_what_a_kill_leaves_is_removed_whatever_the_resumed_flags(tiny_teacher, tiny_shards, tmp_path):
     """A staging folder (a kill mid-save) or a half-deleted one (a kill mid-rotation) is up to a
-    whole checkpoint on the disk: the next save removes it even where the resumed run never saves
+    whole checkpoint on the disk: the next run removes it even where it never saves
     that step again (another --checkpointing_steps) or has no --checkpoints_total_limit."""
     output_dir = tmp_path / "run"
     launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=2", "--checkpointing_steps=2")
@@ -238,6 +238,20 @@ def test_what_a_kill_leaves_is_removed_whatever_the_resumed_flags(tiny_teacher, 
     launch(tiny_teacher, tiny_shards, str(output_dir), "--max_train_steps=3", "--checkpointing_steps=3",
            "--resume_from_checkpoint=latest")
     assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_what_a_kill_left_is_removed_by_a_run_that_saves_no_checkpoint(tmp_path):
+    """The first save of the next run removed them: one that saves none (resumed at its last step to
+    export its pipeline) left them, up to a whole checkpoint each, in the finished folder."""
+    from accelerate import Accelerator
+
+    from splam.output_dir import claim_output_dir
+
+    for leftover in (".checkpoint-4.partial", ".checkpoint-1.deleting"):
+        (tmp_path / leftover / "unet").mkdir(parents=True)
+    lock = claim_output_dir(Accelerator(cpu=True), str(tmp_path), "latest")[2]
+    lock.close()
+    assert os.listdir(tmp_path) == [".training.lock"]
 
 
 def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny_teacher, tiny_shards, tmp_path):
