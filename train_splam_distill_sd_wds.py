@@ -198,7 +198,7 @@ def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> N
         except OSError as error:  # a full disk, no permission
             failure = (f"could not write the validation images of step {step} into "
                        f"{os.path.join(args.output_dir, 'validation')} ({one_line(error)}): make room, then "
-                       "--resume_from_checkpoint=latest goes on from the newest checkpoint")
+                       f"{relaunch_advice(args)}")
     raise_on_every_process(failure, CheckpointError)
 
 
@@ -426,7 +426,7 @@ def main(args):
         except WRITE_ERRORS as error:
             raise CheckpointError(
                 f"could not write the distilled pipeline into {args.output_dir} ({one_line(error)}): "
-                "make room, then --resume_from_checkpoint=latest writes it again from the newest checkpoint"
+                f"make room, then {relaunch_advice(args)}, which writes it again"
             ) from error
         logger.info(f"Saved the distilled pipeline to {args.output_dir}")
     accelerator.end_training()  # the trackers' runs end as finished, whatever the uploads do
@@ -445,18 +445,21 @@ def stop_on_signal(signum, frame):
     raise KeyboardInterrupt(name)
 
 
-def stopped_message(error: KeyboardInterrupt, args) -> str:
-    """What stopped the run and how a relaunch goes on from where it was. A run resumed from a checkpoint
-    outside ``output_dir`` that has written none there yet goes on from that one again: ``latest``
-    would start afresh."""
-    stopped = f"stopped by {error.args[0] if error.args else 'SIGINT'}"
+def relaunch_advice(args) -> str:
+    """How a relaunch goes on from where the run was. A run resumed from a checkpoint outside
+    ``output_dir`` that has written none there yet goes on from that one again: ``latest`` would
+    start afresh."""
     checkpoints = list_checkpoints(args.output_dir)
     if checkpoints:
-        return f"{stopped}: relaunch with --resume_from_checkpoint=latest to go on from {checkpoints[-1]}"
+        return f"relaunch with --resume_from_checkpoint=latest to go on from {checkpoints[-1]}"
     if args.resume_from_checkpoint not in (None, "latest"):
-        return (f"{stopped}: relaunch with --resume_from_checkpoint={args.resume_from_checkpoint} to go on from it "
+        return (f"relaunch with --resume_from_checkpoint={args.resume_from_checkpoint} to go on from it "
                 f"(--output_dir {args.output_dir} holds no checkpoint yet)")
-    return f"{stopped}: relaunch with --resume_from_checkpoint=latest to go on from the start (no checkpoint yet)"
+    return "relaunch with --resume_from_checkpoint=latest to go on from the start (no checkpoint yet)"
+
+
+def stopped_message(error: KeyboardInterrupt, args) -> str:
+    return f"stopped by {error.args[0] if error.args else 'SIGINT'}: {relaunch_advice(args)}"
 
 
 if __name__ == "__main__":

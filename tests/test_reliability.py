@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -165,6 +166,28 @@ def test_a_run_resumed_from_another_folder_and_stopped_says_to_resume_from_that_
     (output_dir / "checkpoint-6").mkdir(parents=True)
     assert stopped_message(KeyboardInterrupt("SIGTERM"), args) == (
         f"stopped by SIGTERM: relaunch with --resume_from_checkpoint=latest to go on from {output_dir}/checkpoint-6")
+
+
+def test_validation_that_fails_in_a_run_resumed_from_another_folder_says_to_resume_from_that_checkpoint(
+        tmp_path, monkeypatch):
+    """Its advice was --resume_from_checkpoint=latest, which in a folder without a checkpoint starts a new run."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    import train_splam_distill_sd_wds as script
+    from splam.checkpoints import CheckpointError
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(script, "log_validation", full_disk)
+    resumed_from = tmp_path / "old" / "checkpoint-4"
+    args = parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar",
+                       f"--output_dir={tmp_path / 'new'}", f"--resume_from_checkpoint={resumed_from}",
+                       "--max_train_steps=8"])
+    models = types.SimpleNamespace(target_unet=None, vae=None, text_encoder=None, tokenizer=None)
+    with pytest.raises(CheckpointError, match=f"make room, then relaunch with --resume_from_checkpoint={resumed_from} "):
+        script.validate(Accelerator(cpu=True), args, models, torch.nn.Linear(1, 1), DDPMScheduler(), 4)
 
 
 def test_a_ctrl_c_that_python_ignores_in_a_fork_hook_still_stops_the_run(tiny_teacher, tiny_shards, tmp_path):
