@@ -128,6 +128,14 @@ def register_unet_hooks(accelerator, target_unet) -> None:
     accelerator.register_load_state_pre_hook(load_unets)
 
 
+def distributed_checkpoint_failure(error: CheckpointException) -> str:
+    """What failed in torch.distributed.checkpoint's reading or writing of FSDP's shards (it raises a
+    ``CheckpointException``, a BaseException, on every process, holding each process's failure):
+    the first failure, on one line."""
+    failures = [failure for failure, _ in error.failures.values()]
+    return one_line(failures[0]) if failures else type(error).__name__
+
+
 def remove_killed_saves(output_dir: str) -> None:
     """Remove what a run killed while it saved (a staging folder) or rotated (a half-deleted
     checkpoint) left in ``output_dir``, each up to a whole checkpoint on the disk. Only while
@@ -152,6 +160,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
             write()
         except WRITE_ERRORS as error:
             return f"could not write the checkpoint {final_path}: {one_line(error)}"
+        except CheckpointException as error:  # FSDP's shards, written by torch.distributed.checkpoint
+            return f"could not write the checkpoint {final_path}: {distributed_checkpoint_failure(error)}"
         return None
 
     def complete():  # training_state.json marks a complete checkpoint
@@ -278,9 +288,8 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
         accelerator.load_state(checkpoint_path)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
         raise CheckpointError(damage_message(one_line(error))) from error
-    except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint (a BaseException)
-        failures = [failure for failure, _ in error.failures.values()]
-        raise CheckpointError(damage_message(one_line(failures[0]) if failures else type(error).__name__)) from error
+    except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint
+        raise CheckpointError(damage_message(distributed_checkpoint_failure(error))) from error
     finally:
         accelerator.scaler = scaler
     accelerator.step = 0

@@ -439,12 +439,26 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_tea
     assert after == before
 
 
-def test_a_full_disk_while_the_unets_are_written_stops_with_the_path_and_leaves_no_partial(tmp_path):
-    """safetensors writes the UNets, most of a checkpoint's bytes and so where a disk fills up, and
-    reports the failed write as SafetensorError, not as OSError or torch.save's RuntimeError: the
-    run ended in its traceback, leaving the staging folder on the full disk."""
-    from accelerate import Accelerator
+def full_disk_in_safetensors():
     from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def full_disk_in_fsdp_shards():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException("write_data", {0: (OSError(28, "No space left on device"), None)})
+
+
+@pytest.mark.parametrize("full_disk", [full_disk_in_safetensors, full_disk_in_fsdp_shards], ids=["unets", "fsdp shards"])
+def test_a_full_disk_during_a_save_stops_with_the_path_and_leaves_no_partial(tmp_path, full_disk):
+    """safetensors writes the UNets, most of a checkpoint's bytes and so where a disk fills up, and
+    reports the failed write as SafetensorError; torch.distributed.checkpoint, which writes FSDP's
+    shards, as CheckpointException (a BaseException), on every process. Neither is OSError or
+    torch.save's RuntimeError: the run ended in their tracebacks, leaving the staging folder on the
+    full disk."""
+    from accelerate import Accelerator
 
     from splam.checkpoints import CheckpointError, save_checkpoint
 
@@ -452,7 +466,7 @@ def test_a_full_disk_while_the_unets_are_written_stops_with_the_path_and_leaves_
 
     def save_state_on_a_full_disk(path):
         os.makedirs(os.path.join(path, "unet"))
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise full_disk()
 
     accelerator.save_state = save_state_on_a_full_disk
     with pytest.raises(CheckpointError, match=f"could not write the checkpoint {tmp_path}/checkpoint-2: .*No space left"):
