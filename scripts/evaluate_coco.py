@@ -101,12 +101,14 @@ def check_row_settings(args, name, dtype) -> None:
 
 
 def already_made(folder, index, prompt, seed) -> bool:
-    record_path = os.path.join(folder, f"{index:06d}.json")
-    if not os.path.exists(record_path):
+    """Whether image ``index`` is there with its record of ``prompt`` and ``seed``, which is written
+    after the image: a record cut short (a run killed while it wrote it) means the image is made again."""
+    try:
+        with open(os.path.join(folder, f"{index:06d}.json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):  # none, or cut short
         return False
-    with open(record_path, encoding="utf-8") as handle:
-        record = json.load(handle)
-    return record["prompt"] == prompt and record["seed"] == seed
+    return record.get("prompt") == prompt and record.get("seed") == seed
 
 
 def row_scheduler(pipeline, sampler: str):

@@ -204,6 +204,18 @@ def test_a_prompt_file_with_a_byte_order_mark_gives_its_prompts_as_written(encod
     assert sorted(load_prompts(str(path), 2, seed=0)) == ["a red bus", "un café on a sofa"]
 
 
+def test_an_image_whose_record_a_kill_cut_short_is_made_again(tmp_path):
+    """The record is written after its image: a run killed while it wrote one left an empty file, on
+    which every later run to resume stopped with a JSONDecodeError traceback."""
+    from evaluate_coco import already_made
+
+    (tmp_path / "000000.png").write_bytes(b"")
+    (tmp_path / "000000.json").write_text("")
+    assert not already_made(str(tmp_path), 0, "a red bus", 0)
+    (tmp_path / "000000.json").write_text(json.dumps({"prompt": "a red bus", "seed": 0, "seconds": 0.1}))
+    assert already_made(str(tmp_path), 0, "a red bus", 0) and not already_made(str(tmp_path), 0, "a red bus", 1)
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("instances_val2014.json", b'{"annotations": [{"image_id": 1, "bbox": [0, 0, 5, 5]}]}', "is no COCO captions file"),
     ("captions.json", b'{"annotations": [{"image_id": 1, "caption": "a dog"}', "is no COCO captions file"),
