@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import platform
 import random
 import sys
@@ -176,20 +177,38 @@ def reference_image_paths(folder: str) -> list:
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(IMAGE_EXTENSIONS))
 
 
-def load_reference(args, fid) -> None:
-    """Feed the reference images (or saved statistics) to ``fid`` and save their statistics."""
-    stats_path = os.path.join(args.work_dir, "reference_stats.pt")
-    if args.reference_stats:
-        stats = torch.load(args.reference_stats, map_location=fid.device)
-        fid.real_features_sum, fid.real_features_cov_sum = stats["sum"], stats["cov_sum"]
-        fid.real_features_num_samples = stats["num_samples"]
+REFERENCE_STATS_KEYS = ("sum", "cov_sum", "num_samples")
+
+
+def read_reference_stats(path: str) -> dict:
+    """A ``reference_stats.pt`` of ``load_reference``, or ``SystemExit`` with one line: read before any
+    sampling, as the scoring reads it after hours of it."""
+    try:
+        stats = torch.load(path, map_location="cpu")
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # cut short, garbage
+        raise SystemExit(f"error: cannot read --reference_stats {path}: {one_line(error)}") from error
+    if not isinstance(stats, dict) or not all(key in stats for key in REFERENCE_STATS_KEYS):
+        raise SystemExit(f"error: --reference_stats {path} is no reference_stats.pt of this script (one holds "
+                         f"{', '.join(REFERENCE_STATS_KEYS)})")
+    return stats
+
+
+def load_reference(args, fid, stats=None) -> None:
+    """Feed the reference images, or ``stats`` (``read_reference_stats``), to ``fid``; the images'
+    statistics are saved (into a staging file renamed when complete: a run killed while it wrote it
+    leaves none for ``--reference_stats`` to be given cut short)."""
+    if stats is not None:
+        fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples = (
+            stats[key].to(fid.device) for key in REFERENCE_STATS_KEYS)
         return
+    stats_path = os.path.join(args.work_dir, "reference_stats.pt")
     paths = reference_image_paths(args.reference_images)
     for chunk in batches(paths, 64):
         pixels = np.stack([resize_and_crop(Image.open(path), args.resolution) for path in chunk])
         fid.update(torch.from_numpy(pixels).to(fid.device), real=True)
     torch.save({"sum": fid.real_features_sum.cpu(), "cov_sum": fid.real_features_cov_sum.cpu(),
-                "num_samples": fid.real_features_num_samples.cpu(), "images": len(paths)}, stats_path)
+                "num_samples": fid.real_features_num_samples.cpu(), "images": len(paths)}, stats_path + ".partial")
+    os.replace(stats_path + ".partial", stats_path)
 
 
 def projected(features):
@@ -301,6 +320,7 @@ def main():
             fid, clip = make_fid(args).to(state.device), clip_scorer(args).to(state.device)
         except (ImportError, OSError) as error:
             raise SystemExit(f"error: cannot build the metrics: {' '.join(str(error).split())}") from error
+        reference_stats = read_reference_stats(args.reference_stats) if args.reference_stats else None
     state.wait_for_everyone()
     pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(state.device, dtype)
     pipeline.set_progress_bar_config(disable=True)
@@ -311,7 +331,7 @@ def main():
     if not state.is_main_process:
         return
 
-    load_reference(args, fid)  # after sampling: the other processes would wait on it at a barrier
+    load_reference(args, fid, reference_stats)  # after sampling: the other processes would wait on it at a barrier
     results = []
     for name, sampler, steps, guidance_scale in rows:
         results.append({"name": name, "sampler": sampler, "steps": steps, "guidance_scale": guidance_scale,

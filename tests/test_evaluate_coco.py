@@ -135,9 +135,13 @@ def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
     """The reference images were first read after the sampling, hours in, and a step count the
     scheduler refuses stopped the run at its row."""
     missing = str(world["root"] / "missing")
+    # As a run killed while it saved its reference statistics left them: read after hours of sampling.
+    cut_short = world["root"] / "cut-short-reference_stats.pt"
+    cut_short.write_bytes(b"PK\x03\x04" + bytes(60))
     cases = [
         (world["student"], ["--reference_images", missing], 2, "is not a folder of at least 2 images"),
         (world["student"], ["--reference_stats", missing], 2, "no such file"),
+        (world["student"], ["--reference_stats", str(cut_short)], 1, f"error: cannot read --reference_stats {cut_short}"),
         (missing, ["--reference_images", world["references"]], 1, "error: cannot load a pipeline from"),
         # More steps than the model's LCMScheduler takes stopped the run after the 1-step row.
         (world["student"], ["--reference_images", world["references"], "--steps", "1", "1000"], 1,
