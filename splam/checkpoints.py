@@ -12,6 +12,7 @@ Which checkpoint a run resumes from is ``output_dir.claim_output_dir``'s choice.
 
 import glob
 import json
+import logging
 import os
 import pickle
 import re
@@ -34,6 +35,8 @@ TRAINING_STATE_FORMAT = 3
 # What a failed write of weights raises (a full disk, no permission): torch.save reports it as
 # RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -181,8 +184,12 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
     if accelerator.is_main_process and total_limit is not None:
         for old_path in list_checkpoints(output_dir)[:-total_limit]:
             doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
-            os.replace(old_path, doomed_path)
-            shutil.rmtree(doomed_path)
+            try:
+                os.replace(old_path, doomed_path)
+                shutil.rmtree(doomed_path)
+            except OSError as error:  # a file of another owner, one held open on NFS (.nfs*): the new one is saved
+                logger.warning(f"could not remove {old_path} for --checkpoints_total_limit ({one_line(error)}): "
+                               "training goes on, and the next checkpoint or run tries again")
     accelerator.wait_for_everyone()
     return final_path
 

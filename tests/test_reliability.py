@@ -474,6 +474,25 @@ def test_a_full_disk_during_a_save_stops_with_the_path_and_leaves_no_partial(tmp
     assert os.listdir(tmp_path) == []
 
 
+def test_an_old_checkpoint_that_cannot_be_removed_is_left_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The new checkpoint is saved by then: a file the rotation cannot delete (another owner's, or one
+    a process holds open on NFS) ended the run in a traceback."""
+    from accelerate import Accelerator
+
+    from splam.checkpoints import save_checkpoint
+
+    (tmp_path / "checkpoint-1" / "unet").mkdir(parents=True)
+
+    def rmtree_refused(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", os.path.join(path, "training_state.json"))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_refused)
+    with caplog.at_level("WARNING"):
+        path = save_checkpoint(Accelerator(cpu=True), str(tmp_path), 2, {"global_step": 2}, total_limit=1)
+    assert path == str(tmp_path / "checkpoint-2") and os.path.isfile(os.path.join(path, "training_state.json"))
+    assert f"could not remove {tmp_path}/checkpoint-1 for --checkpoints_total_limit" in caplog.text
+
+
 def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path):
     """A full disk at the final export ends the run with one `error:` line that says how to write it again."""
     output_dir = str(tmp_path / "run")
