@@ -63,6 +63,12 @@ def check_no_newer_checkpoints(output_dir: str, resume_path, start_step: int) ->
     if resume_path is None:
         raise SetupError(f"{output_dir} holds checkpoints of an earlier run ({', '.join(newer)}): continue it with "
                          "--resume_from_checkpoint=latest, or move them out of the folder to start a new run there")
+    if os.path.realpath(os.path.dirname(os.path.normpath(resume_path))) != os.path.realpath(output_dir):
+        # Written since a run resumed from another folder's checkpoint into this one: a relaunch of
+        # that same command (a pre-empted job requeued) goes on from them, and moving them out would lose them.
+        raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path} ({', '.join(newer)}), written since "
+                         f"a run resumed from it there: relaunch with --resume_from_checkpoint=latest to go on from "
+                         f"{newer[-1]}, or move them out of the folder to start again from {resume_path}")
     raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path}, which this run resumes from "
                      f"({', '.join(newer)}): move them out of the folder first, or --resume_from_checkpoint=latest "
                      "would later pick them up again")

@@ -305,6 +305,18 @@ def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny
     assert len(logged_scalars(output_dir, "loss")) == tracker_runs  # --report_to=none: no tracker
 
 
+def test_a_relaunch_resuming_from_another_folder_after_checkpoints_there_says_to_go_on_from_them(tmp_path):
+    """A pre-empted job requeued with its command, --resume_from_checkpoint=old/checkpoint-4 into a new
+    folder that now holds checkpoint-6: it was told to move checkpoint-6 out of the folder, losing it."""
+    from splam.output_dir import check_no_newer_checkpoints
+
+    resumed_from, output_dir = tmp_path / "old" / "checkpoint-4", tmp_path / "new"
+    for checkpoint in (resumed_from, output_dir / "checkpoint-6"):
+        checkpoint.mkdir(parents=True)
+    with pytest.raises(SetupError, match="relaunch with --resume_from_checkpoint=latest to go on from checkpoint-6"):
+        check_no_newer_checkpoints(str(output_dir), str(resumed_from), 4)
+
+
 def test_a_resume_past_a_lowered_max_train_steps_is_refused(tiny_teacher, tiny_shards, tmp_path):
     """A relaunch with --max_train_steps below the checkpoint's step trained nothing and exported the
     checkpoint's longer-trained model as this run's, under a warning that the schedule was reshaped."""
