@@ -45,8 +45,8 @@ from splam.checkpoints import (
     register_unet_hooks,
     save_checkpoint,
 )
-from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, make_train_dataloader, train_shard_urls,
-                        train_batches, training_samples)
+from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
+                        train_batches, train_shard_urls, training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -144,6 +144,17 @@ def make_accelerator(args) -> Accelerator:
     )
 
 
+def print_shared_messages_once(accelerator) -> None:
+    """The splam package's messages are the same on every process (the set-up's notes), except what one
+    process's data loader meets (``splam.data.is_per_process``): only the main process prints the
+    others, as accelerate's logger does this script's own."""
+    if accelerator.is_main_process:
+        return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: record.name.split(".")[0] != "splam" or record.levelno >= logging.ERROR
+                          or is_per_process(record))
+
+
 def tracker_init_kwargs(args) -> dict:
     """wandb writes its run files into the trackers' folder, beside tensorboard's, rather than into the
     working directory (its default), unless ``WANDB_DIR`` says where."""
@@ -206,6 +217,7 @@ def main(args):
     # ---- Set up ------------------------------------------------------------------------
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    print_shared_messages_once(accelerator)
     for library in (transformers, diffusers):
         (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else library.utils.logging.set_verbosity_error)()

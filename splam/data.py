@@ -48,6 +48,13 @@ MOMENTS_KEY, PROMPT_EMBEDS_KEY = "moments.npy", "prompt_embeds.npy"
 
 
 logger = logging.getLogger(__name__)
+# ``extra=`` of a message that one process's loader meets alone: every process prints those, the
+# main process alone the package's others, which are the same on each (the training script's filter).
+PER_PROCESS = {"per_process": True}
+
+
+def is_per_process(record: logging.LogRecord) -> bool:
+    return getattr(record, "per_process", False)
 
 
 class DataError(RuntimeError):
@@ -281,7 +288,7 @@ def tar_samples(urls, stats: DataStats):
             reported.add(url)
             # The URL may be a gated dataset's curl command with its token.
             logger.warning("skipped an unreadable shard (or its rest), counted as bad_shard: "
-                           + redact_tokens(f"{type(error).__name__}: {error}"))
+                           + redact_tokens(f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
         return True
 
     return wds.tarfile_samples(({"url": url} for url in urls), handler=count_bad_shard)
@@ -456,7 +463,8 @@ class ShardDraws:
     def give_up(self, reason: str):
         if len(self.pool) < len(self.all_urls):
             logger.warning(f"{reason} from this loader's {len(self.pool)} of {len(self.all_urls)} shards: it draws "
-                           "from all of them this segment, so some samples may be read by more than one loader")
+                           "from all of them this segment, so some samples may be read by more than one loader",
+                           extra=PER_PROCESS)
             self.pool = self.all_urls
             self.restart()
             return

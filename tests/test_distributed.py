@@ -125,7 +125,8 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
 
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):
     """Process 1's share of the shards is two corrupt files: it reads the others too, and what it
-    skips is logged and checkpointed with process 0's counts."""
+    skips is logged (by it alone) and checkpointed with process 0's counts. A set-up note, the same on
+    every process (``--cast_teacher_unet`` without autocast), is printed once."""
     corrupt = [tmp_path / f"corrupt-{index}.tar" for index in range(2)]
     for path in corrupt:
         path.write_bytes(b"not a tar" * 300)
@@ -133,11 +134,12 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     shards = "::".join([good[0], str(corrupt[0]), good[1], str(corrupt[1])])
     output_dir = str(tmp_path / "ddp")
     flags = ["--gradient_accumulation_steps=2", "--checkpointing_steps=2", "--checkpoints_total_limit=2",
-             "--resume_from_checkpoint=latest", "--dataloader_num_workers=1"]
+             "--resume_from_checkpoint=latest", "--dataloader_num_workers=1", "--cast_teacher_unet"]
     first = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=4", *flags)
     assert "processes = 2, accumulation steps = 2, global batch = 8" in first.stderr
     assert first.stderr.count("EMA target identical on all 2 processes") == 2
     assert "draws from all of them" in first.stderr
+    assert first.stderr.count("--cast_teacher_unet: the step computes in float32 here") == 1
     checkpoint = os.path.join(output_dir, "checkpoint-4")
     assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_target"} <= set(os.listdir(checkpoint))
     bad_shards = json.load(open(os.path.join(checkpoint, "training_state.json")))["data_stats"]["bad_shard"]
