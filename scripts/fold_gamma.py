@@ -11,6 +11,7 @@ is a ``StableDiffusionPipeline`` with ``LCMScheduler``; sample it with ``guidanc
 import argparse
 import json
 import os
+import shutil
 import sys
 
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
@@ -29,6 +30,23 @@ def holds_a_fold(folder: str) -> bool:
     except (OSError, ValueError):
         return False
     return index.get("_class_name") == "StableDiffusionPipeline" and index.get("scheduler", [None, None])[1] == "LCMScheduler"
+
+
+def save_in_place_of(pipeline, out: str) -> None:
+    """Save ``pipeline`` into a hidden folder beside ``out``, then rename it to ``out`` (replacing an
+    earlier fold there): a run killed while it writes leaves no half-written ``out``, which a rerun
+    would refuse as something else than a fold, only the hidden folder, which the rerun replaces."""
+    out = os.path.abspath(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        pipeline.save_pretrained(staging)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(staging, out)
 
 
 def main():
@@ -55,7 +73,7 @@ def main():
         requires_safety_checker=False,
     )
     try:
-        plain.save_pretrained(args.out)
+        save_in_place_of(plain, args.out)
     except OSError as error:
         raise SystemExit(f"error: cannot write the folded pipeline to {args.out}: {one_line(error)}") from error
     print(f"Wrote a StableDiffusionPipeline with a plain UNet to {args.out}; sample it with guidance_scale=1")

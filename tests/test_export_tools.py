@@ -1,7 +1,9 @@
 """Folding gamma into a plain SD UNet, extracting a LoRA, and the sampling CLI, on a trained tiny student."""
 
+import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -210,6 +212,27 @@ def test_fold_gamma_never_overwrites_a_model_and_refuses_a_folded_model_or_check
     # A rerun onto its own output goes on.
     result = run_script("scripts/fold_gamma.py", "--model", trained_student, "--out", folded_student)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_fold_killed_while_it_writes_leaves_no_half_fold_and_a_rerun_goes_on(trained_student, tmp_path, monkeypatch):
+    """diffusers writes model_index.json after the components: a kill before it left --out with
+    components alone, which the rerun refused as something else than a fold."""
+    import fold_gamma
+
+    out = str(tmp_path / "plain")
+    monkeypatch.setattr(sys, "argv", ["fold_gamma.py", "--model", trained_student, "--out", out])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("SIGKILL")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StableDiffusionPipeline, "save_config", killed)
+        with pytest.raises(KeyboardInterrupt):
+            fold_gamma.main()
+    assert not os.path.exists(out)
+    fold_gamma.main()
+    assert sorted(os.listdir(tmp_path)) == ["plain"]
+    assert DiffusionPipeline.from_pretrained(out).unet.config.time_cond_proj_dim is None
 
 
 def test_extract_lora_refuses_an_unfolded_or_foreign_student_and_a_file_as_out(tiny_teacher, trained_student,
