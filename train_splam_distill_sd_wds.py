@@ -470,8 +470,22 @@ def relaunch_advice(args) -> str:
     return "relaunch with --resume_from_checkpoint=latest to go on from the start (no checkpoint yet)"
 
 
-def stopped_message(error: KeyboardInterrupt, args) -> str:
-    return f"stopped by {error.args[0] if error.args else 'SIGINT'}: {relaunch_advice(args)}"
+def stopped_message(signal_name: str, args) -> str:
+    return f"stopped by {signal_name}: {relaunch_advice(args)}"
+
+
+def error_line(error: Exception, args):
+    """The one line a run that stops on ``error`` ends with, or ``None`` for a fault whose traceback
+    is wanted. Once a stop signal has arrived, whatever breaks as it unwinds the run (a loader worker
+    that the same signal ended, which the DataLoader reports as a RuntimeError) is the stop's doing."""
+    if isinstance(error, KeyboardInterrupt) or stop_signals:
+        return stopped_message(stop_signals[0] if stop_signals else "SIGINT", args)
+    if isinstance(error, (SetupError, CheckpointError, NonFiniteError, HubError)):
+        return str(error)
+    if isinstance(error, DataError):
+        # Raised in a loader worker, it arrives with the worker's traceback; its last line is the message.
+        return str(error).strip().splitlines()[-1].removeprefix("splam.data.DataError: ")
+    return None
 
 
 if __name__ == "__main__":
@@ -481,10 +495,8 @@ if __name__ == "__main__":
         signal.signal(stop, stop_on_signal)
     try:
         main(arguments)
-    except KeyboardInterrupt as error:
-        sys.exit(f"error: {stopped_message(error, arguments)}")
-    except (SetupError, CheckpointError, NonFiniteError, HubError) as error:
-        sys.exit(f"error: {error}")
-    except DataError as error:
-        # Raised in a loader worker, it arrives with the worker's traceback; its last line is the message.
-        sys.exit(f"error: {str(error).strip().splitlines()[-1].removeprefix('splam.data.DataError: ')}")
+    except (Exception, KeyboardInterrupt) as error:
+        line = error_line(error, arguments)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")

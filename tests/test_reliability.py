@@ -152,6 +152,24 @@ def test_a_run_stopped_by_sigterm_or_ctrl_c_ends_with_one_line(stop, tiny_teache
                                 f"on from {output_dir}/checkpoint-"), errors[0]
 
 
+def test_what_breaks_while_a_stop_signal_unwinds_the_run_ends_in_the_stop_line(monkeypatch, tmp_path):
+    """A loader worker that the same Ctrl-C ended makes the DataLoader raise a RuntimeError while the
+    main process handles its KeyboardInterrupt: the run ended in that traceback, not the stop's line.
+    Without a stop signal, such an error keeps its traceback."""
+    import train_splam_distill_sd_wds as script
+    from splam.data import DataError
+
+    args = parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar",
+                       f"--output_dir={tmp_path}", "--max_train_steps=8"])
+    worker_died = RuntimeError("DataLoader worker (pid 19968) exited unexpectedly with exit code 1.")
+    assert script.error_line(worker_died, args) is None
+    assert script.error_line(SetupError("no teacher"), args) == "no teacher"
+    assert script.error_line(DataError("Traceback ...\nsplam.data.DataError: no usable sample"), args) == "no usable sample"
+    monkeypatch.setattr(script, "stop_signals", ["SIGINT"])
+    stopped = "stopped by SIGINT: relaunch with --resume_from_checkpoint=latest to go on from the start (no checkpoint yet)"
+    assert script.error_line(worker_died, args) == script.error_line(KeyboardInterrupt("SIGINT"), args) == stopped
+
+
 def test_a_run_resumed_from_another_folder_and_stopped_says_to_resume_from_that_checkpoint_again(tmp_path):
     """Stopped before its first checkpoint in its own output_dir, it said to relaunch with latest,
     which there starts a new run from the teacher."""
@@ -160,11 +178,11 @@ def test_a_run_resumed_from_another_folder_and_stopped_says_to_resume_from_that_
     resumed_from, output_dir = tmp_path / "old" / "checkpoint-4", tmp_path / "new"
     args = parse_args(["--pretrained_teacher_model=teacher", "--train_shards_path_or_url=shards.tar",
                        f"--output_dir={output_dir}", f"--resume_from_checkpoint={resumed_from}", "--max_train_steps=8"])
-    assert stopped_message(KeyboardInterrupt("SIGTERM"), args) == (
+    assert stopped_message("SIGTERM", args) == (
         f"stopped by SIGTERM: relaunch with --resume_from_checkpoint={resumed_from} to go on from it "
         f"(--output_dir {output_dir} holds no checkpoint yet)")
     (output_dir / "checkpoint-6").mkdir(parents=True)
-    assert stopped_message(KeyboardInterrupt("SIGTERM"), args) == (
+    assert stopped_message("SIGTERM", args) == (
         f"stopped by SIGTERM: relaunch with --resume_from_checkpoint=latest to go on from {output_dir}/checkpoint-6")
 
 
