@@ -23,7 +23,6 @@ import argparse
 import glob
 import json
 import os
-import pickle
 import platform
 import random
 import sys
@@ -38,6 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import one_line  # noqa: E402
+from splam.checkpoints import READ_ERRORS  # noqa: E402
 from splam.cli import load_or_exit, read_prompt_file  # noqa: E402
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -185,7 +185,7 @@ def read_reference_stats(path: str) -> dict:
     sampling, as the scoring reads it after hours of it."""
     try:
         stats = torch.load(path, map_location="cpu")
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # cut short, garbage
+    except READ_ERRORS as error:
         raise SystemExit(f"error: cannot read --reference_stats {path}: {one_line(error)}") from error
     if not isinstance(stats, dict) or not all(key in stats for key in REFERENCE_STATS_KEYS):
         raise SystemExit(f"error: --reference_stats {path} is no reference_stats.pt of this script (one holds "

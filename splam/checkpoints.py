@@ -35,6 +35,8 @@ TRAINING_STATE_FORMAT = 3
 # What a failed write of weights raises (a full disk, no permission): torch.save reports it as
 # RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What reading a saved file that is missing, cut short or garbage raises (torch.load, pickle).
+READ_ERRORS = (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError)
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +261,7 @@ def rng_state_damage(checkpoint_path: str, process_index: int):
         return f"no {name}" if process_index <= max(saved, default=0) else None
     try:
         load(path)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # cut short, garbage
+    except READ_ERRORS as error:
         return f"{name}: {one_line(error)}"
     return None
 
@@ -293,7 +295,7 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
         accelerator.scaler = None
     try:
         accelerator.load_state(checkpoint_path)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:  # missing, cut short, garbage
+    except READ_ERRORS as error:
         raise CheckpointError(damage_message(one_line(error))) from error
     except CheckpointException as error:  # FSDP's shards, read by torch.distributed.checkpoint
         raise CheckpointError(damage_message(distributed_checkpoint_failure(error))) from error
