@@ -38,8 +38,14 @@ def few_step_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> LatentCo
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def sample_validation_images(pipeline, prompts, resolution: int, seed: int) -> dict:
-    """``{num_steps: [PIL image per prompt]}`` for 1, 2 and 4 steps, the same seed for each prompt."""
+    """``{num_steps: [PIL image per prompt]}`` for 1, 2 and 4 steps, the same seed for each prompt.
+
+    Eager even where ``--torch_compile`` compiled the UNets in place: a batch of one image, and
+    the float32 target of the export, are new shapes and dtypes to the compiled code, which
+    would spend minutes compiling for a few calls (measured on a CPU: 20 s for the tiny
+    preset's target at the end of every run)."""
     pipeline.set_progress_bar_config(disable=True)
     images = {}
     for num_steps in VALIDATION_STEPS:

@@ -15,11 +15,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from splam.args import parse_args
-from splam.models import load_teacher_scheduler, load_teacher_unet
+from splam.models import lcm_scheduler, load_teacher_scheduler, load_teacher_unet
 from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
+from splam.validation import few_step_pipeline, sample_validation_images
 
 from conftest import REPO_ROOT, RESOLUTION, run_script, run_scripts
 
@@ -170,6 +172,23 @@ def test_torch_compile_compiles_the_nets_it_names_in_place(tiny_teacher, flag, s
     # nn.Module.compile() compiles in place by setting this; the module stays the same object.
     assert {name for name, net in nets.items() if net._compiled_call_impl is not None} == compiled
     assert all(not key.startswith("_orig_mod") for net in nets.values() for key in net.state_dict())
+
+
+def test_validation_and_the_export_sample_with_compiled_unets_without_compiling(tiny_teacher):
+    """Under ``--torch_compile`` the UNets are compiled in place, and the validation images and the
+    export's grid (one image at a time, from the float32 target) are new inputs to them: sampled
+    compiled, each run would compile the target again for a few calls (minutes on a GPU)."""
+    args = teacher_args(tiny_teacher)
+    models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    compilations = CompileCounter()
+    models.target_unet.compile(backend=compilations)
+    pipeline = few_step_pipeline(models.vae, models.text_encoder, models.tokenizer, models.target_unet,
+                                 lcm_scheduler(load_teacher_scheduler(args).config, args.num_ddim_timesteps))
+    images = sample_validation_images(pipeline, ["a red square"], RESOLUTION, seed=0)
+    assert [image.size for row in images.values() for image in row] == [(RESOLUTION, RESOLUTION)] * 3
+    assert compilations.frame_count == 0
+    pipeline(prompt="a red square", num_inference_steps=1, height=RESOLUTION, width=RESOLUTION)
+    assert compilations.frame_count == 1  # outside the sampling, the UNet is compiled as --torch_compile asks
 
 
 def test_cast_teacher_unet_says_when_there_is_no_half_dtype_to_cast_to(tiny_teacher, caplog):
