@@ -15,10 +15,11 @@ peak memory.
 (``splam.training.encode_batch``, ``splam_loss``, backward, clipping,
 ``read_step_values``, ``take_optimizer_step``, EMA) on a random batch already on the
 device, timed with CUDA events on a GPU; it also prints the FLOPs of a step (counted by
-``torch.utils.flop_counter`` on the first step), the achieved TFLOP/s and, given
-``--peak_tflops``, the fraction of the floor (the step's FLOPs at the card's peak), and the
-operators a step dispatches (views aside), by UNet call, backward pass and the rest: eager
-PyTorch spends host time on each, whatever the device.
+``torch.utils.flop_counter`` on the first step, run eagerly under ``--torch_compile``), the
+achieved TFLOP/s and, given ``--peak_tflops``, the fraction of the floor (the step's FLOPs at
+the card's peak), and, without ``--torch_compile``, the operators a step dispatches (views
+aside), by UNet call, backward pass and the rest: eager PyTorch spends host time on each,
+whatever the device.
 
 ``--data shards`` is the end-to-end figure: it writes JPEG shards at the resolution
 (``scripts/make_shards.py``; for ``--mode fast`` also their latents,
@@ -182,8 +183,8 @@ class Timer:
 
 
 def measure_step(options, extra, teacher_dir):
-    """Step times on a synthetic batch, and the FLOPs and operator counts of a step (None under
-    torch.compile, which the counters cannot see through)."""
+    """Step times on a synthetic batch, and the FLOPs and operator counts of a step (the operators
+    None under torch.compile, which dispatches fewer than the eager step they would count)."""
     accelerator = accelerate.Accelerator(mixed_precision=options.mixed_precision)
     args = training_args(teacher_dir, options, "synthetic", "--max_train_steps=1", *extra)
     torch.manual_seed(0)
@@ -208,7 +209,10 @@ def measure_step(options, extra, teacher_dir):
                            args.ema_decay)
         return counter.get_total_flops() if count_flops else None
 
-    flops_per_step = step(count_flops=not args.torch_compile)
+    # Eager, as the compiled step does the same arithmetic: compiled code hides its operators from
+    # the counter, and a first call under the counter's dispatch mode leaves the nets uncompiled for good.
+    with torch.compiler.set_stance("force_eager"):
+        flops_per_step = step(count_flops=True)
     for _ in range(options.warmup):
         step()
     operators = None

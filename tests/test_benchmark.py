@@ -104,6 +104,25 @@ def test_the_fast_mode_of_the_authors_math_changes_only_options_that_keep_it():
     assert {name for name in fast if fast[name] != eager[name]} == {"torch_compile"} and eager["torch_compile"] is None
 
 
+def test_the_compiled_step_is_counted_the_flops_of_the_eager_one(tiny_teacher, monkeypatch):
+    """Under ``--torch_compile`` the benchmark counts the FLOPs of its first step run eagerly: the
+    compiled step's FLOPs are the eager step's, so the fraction of the floor is printed for it too."""
+    from benchmark import measure_step
+
+    compilations = CompileCounter()  # traces, then runs eagerly: seconds where inductor takes minutes on a CPU
+    plain_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: plain_compile(module, backend=compilations))
+    options = types.SimpleNamespace(mode="fast", resolution=RESOLUTION, batch_size=2, mixed_precision="no",
+                                    warmup=0, steps=1, profile_steps=0)
+    _, compiled_flops, compiled_operators = measure_step(options, [], tiny_teacher)
+    options.mode = "fast-eager"
+    _, eager_flops, eager_operators = measure_step(options, [], tiny_teacher)
+    assert compiled_flops == eager_flops > 0
+    # Counted under the counter's dispatch mode, a first call would have left the nets uncompiled for good.
+    assert compilations.frame_count > 0
+    assert compiled_operators is None and eager_operators["student forward"] > 0
+
+
 def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
     from benchmark import logged_run
     from torch.utils.tensorboard import SummaryWriter
