@@ -304,6 +304,15 @@ def measure_training(options, extra, teacher_dir, work_dir):
     return times, peak_gpu_memory, first_step - started, steps
 
 
+def write_figures(figures: dict, path: str) -> None:
+    """Write ``figures`` as JSON to ``path`` whole or not at all: ``throughput_figures.py`` takes
+    them from a row it had to stop."""
+    staging = f"{path}.partial"
+    with open(staging, "w") as handle:
+        json.dump(figures, handle, indent=2)
+    os.replace(staging, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["tiny", "sd15"], default="tiny")
@@ -388,8 +397,7 @@ def main():
         print(f"operators per step, views aside: {sum(operators.values())} ("
               + ", ".join(f"{phase} {count}" for phase, count in operators.items()) + ")")
     if options.out:
-        with open(options.out, "w") as handle:
-            json.dump(figures, handle, indent=2)
+        write_figures(figures, options.out)
 
 
 if __name__ == "__main__":

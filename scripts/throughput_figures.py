@@ -34,6 +34,9 @@ import subprocess
 import sys
 import time
 
+# --total_timeout counts from here, before the imports of torch and diffusers (seconds on a GPU
+# machine), so that it bounds the whole script under a time limit for the command.
+STARTED = time.monotonic()
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 BENCHMARK = os.path.join(SCRIPTS, "benchmark.py")
 sys.path.insert(0, SCRIPTS)
@@ -87,6 +90,17 @@ def run_row(command, log, timeout):
             process.wait()
 
 
+def written_figures(path):
+    """The figures a row wrote, or ``None``. A row that wrote them counts even if it then ran past
+    its timeout: the benchmark writes them last, complete (``benchmark.write_figures``), and
+    a run with compiled nets and 8 loader workers takes seconds to exit."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+
+
 def exit_on_termination():
     """SIGTERM and SIGHUP exit this script as an exception would, so that ``run_row`` ends the row's
     process group on the way out (by default they end the script at once, and the row runs on)."""
@@ -131,7 +145,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per row (default: benchmark.py's).")
     parser.add_argument("--warmup", type=int, default=None, help="Untimed steps per row (default: benchmark.py's).")
     parser.add_argument("--total_timeout", type=float, default=None,
-                        help="Seconds allowed for all rows, the teacher's build included: each row gets at most "
+                        help="Seconds allowed for the whole script, its imports and the teacher's build included: each row gets at most "
                              f"what is left, and none starts with under {MIN_ROW_SECONDS} s left (for a machine "
                              "lent for a fixed time).")
     options, extra = parser.parse_known_args()
@@ -142,7 +156,7 @@ def main():
     unknown = sorted(set(names) - set(available))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {list(available)}")
-    deadline = time.monotonic() + options.total_timeout if options.total_timeout else None
+    deadline = STARTED + options.total_timeout if options.total_timeout else None
     os.makedirs(options.out_dir, exist_ok=True)
     # Built before the rows, so that no row's timeout cuts the build short.
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
@@ -163,12 +177,16 @@ def main():
                 timeout = min(timeout or left, left)
             print(f"== {name}: {' '.join(command[1:])}", file=log, flush=True)
             print(f"== {name}", flush=True)
+            if os.path.exists(out):  # an earlier call's, cut short before it was merged
+                os.remove(out)
             returncode = run_row(command, log, timeout)
-            if returncode != 0:
+            figures = written_figures(out)
+            if figures is None:
                 failed.append(f"{name} ({returncode})")
                 continue
-            with open(out) as handle:
-                results.append({"row": name, "command": " ".join(["scripts/benchmark.py", *flags]), **json.load(handle)})
+            if returncode != 0:
+                print(f"== {name}: ended ({returncode}) after writing its figures, which count", file=log, flush=True)
+            results.append({"row": name, "command": " ".join(["scripts/benchmark.py", *flags]), **figures})
             os.remove(out)
             with open(os.path.join(options.out_dir, "figures.json"), "w") as handle:
                 json.dump(results, handle, indent=2)
