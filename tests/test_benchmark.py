@@ -351,8 +351,10 @@ def test_a_terminated_figures_script_ends_the_running_row(tmp_path):
 
 def test_a_row_that_wrote_its_figures_counts_though_it_ran_past_its_timeout(tiny_teacher, tmp_path, monkeypatch):
     """A row with compiled nets and 8 loader workers can take seconds to exit after writing its
-    figures: a timeout then must not lose them (the third H100 lease's fast row did)."""
+    figures: a timeout then must not lose them."""
     import throughput_figures
+
+    monkeypatch.setattr(throughput_figures, "exit_on_termination", lambda: None)  # this process's signals stay pytest's
 
     with open(os.path.join(REPO_ROOT, "docs", "benchmark", "throughput-h100-compiled.json")) as handle:
         measured = {key: value for key, value in json.load(handle)[0].items() if key not in ("row", "command")}
