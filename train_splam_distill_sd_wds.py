@@ -43,6 +43,7 @@ from splam.checkpoints import (
     load_checkpoint,
     optimizer_hyperparameters,
     register_unet_hooks,
+    rotate_checkpoints,
     save_checkpoint,
 )
 from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
@@ -405,7 +406,8 @@ def main(args):
                 "optimizer": optimizer_name(args),
                 "max_train_steps": args.max_train_steps,
             }
-            path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit)
+            path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit,
+                                   uploading=publisher.uploading() if publisher is not None else frozenset())
             logger.info(f"Saved {path}")
             if publisher is not None and args.push_checkpoints:
                 publisher.push_checkpoint(path, global_step)
@@ -444,6 +446,7 @@ def main(args):
     accelerator.end_training()  # the trackers' runs end as finished, whatever the uploads do
     if publisher is not None:
         publisher.wait_for_checkpoints()
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)  # those kept for their uploads
         if args.push_to_hub:
             logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
 

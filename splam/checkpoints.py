@@ -150,8 +150,10 @@ def remove_killed_saves(output_dir: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None) -> str:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``.
+def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None,
+                    uploading=frozenset()) -> str:
+    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``
+    (``rotate_checkpoints``; ``uploading``: the checkpoints still being uploaded).
 
     On failure (disk full, no permission) the staging folder is removed, the earlier
     checkpoints are untouched, and ``CheckpointError`` names the path.
@@ -183,17 +185,29 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
         if accelerator.is_main_process:
             shutil.rmtree(staging_path, ignore_errors=True)
         raise
-    if accelerator.is_main_process and total_limit is not None:
-        for old_path in list_checkpoints(output_dir)[:-total_limit]:
-            doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
-            try:
-                os.replace(old_path, doomed_path)
-                shutil.rmtree(doomed_path)
-            except OSError as error:  # a file of another owner, one held open on NFS (.nfs*): the new one is saved
-                logger.warning(f"could not remove {old_path} for --checkpoints_total_limit ({one_line(error)}): "
-                               "training goes on, and the next checkpoint or run tries again")
+    if accelerator.is_main_process:
+        rotate_checkpoints(output_dir, total_limit, uploading)
     accelerator.wait_for_everyone()
     return final_path
+
+
+def rotate_checkpoints(output_dir: str, total_limit, uploading=frozenset()) -> None:
+    """Delete all but the newest ``total_limit`` checkpoints (all kept for ``None``), except those in
+    ``uploading``: deleted under an upload, a checkpoint would never reach the Hub. The next rotation
+    after their upload deletes them."""
+    if total_limit is None:
+        return
+    for old_path in list_checkpoints(output_dir)[:-total_limit]:
+        if old_path in uploading:
+            logger.info(f"Keeping {old_path} past --checkpoints_total_limit until its upload is done")
+            continue
+        doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
+        try:
+            os.replace(old_path, doomed_path)
+            shutil.rmtree(doomed_path)
+        except OSError as error:  # a file of another owner, one held open on NFS (.nfs*): the new one is saved
+            logger.warning(f"could not remove {old_path} for --checkpoints_total_limit ({one_line(error)}): "
+                           "training goes on, and the next checkpoint or run tries again")
 
 
 # Where accelerate keeps the student and the optimizer in a checkpoint, by how the run was distributed:

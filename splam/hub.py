@@ -58,6 +58,10 @@ class HubPublisher:
             run_as_future=True,
         )
 
+    def uploading(self) -> frozenset:
+        """The checkpoint folders whose upload has not finished (queued or under way)."""
+        return frozenset(path for path, future in self.uploads.values() if not future.done())
+
     def wait_for_checkpoints(self) -> None:
         """Block until the background uploads are done; log the ones that failed."""
         for step, (_, future) in sorted(self.uploads.items()):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
@@ -23,6 +24,7 @@ class FakeHub:
         self.repos = {}  # repo id -> {"private": bool, "files": {path: bytes}, "commits": [summary], "sha": str}
         self.requests = []  # (method, path, Authorization header)
         self.fail_commits = 0  # the next N commits are refused (400: huggingface_hub does not retry it itself)
+        self.preupload_seconds = 0  # how long each preupload answer takes: a slow upload, whose files are read after it
         self.validated_metadata = []  # the model cards' YAML metadata, as the Hub validates it
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler_class())
@@ -106,6 +108,7 @@ class FakeHub:
                     return self.reply(404, {"error": f"Repository not found: {path}"})
                 repo = hub.repos[match.group(1)]
                 if match.group(2) == "preupload":
+                    time.sleep(hub.preupload_seconds)
                     files = json.loads(body)["files"]
                     return self.reply(200, {"files": [
                         {"path": item["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for item in files

@@ -29,13 +29,15 @@ def hub(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pushed_run(tiny_teacher, tiny_shards, tmp_path_factory):
-    """A short run with --push_to_hub and --push_checkpoints against the test server."""
+    """A short run with --push_to_hub and --push_checkpoints against the test server, whose uploads
+    are slower than the run's steps (a checkpoint's upload is still under way at the next one's save)."""
     output_dir = str(tmp_path_factory.mktemp("push") / "splam-tiny")
     with FakeHub() as server:
+        server.preupload_seconds = 3
         env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=ENV_TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
         result = launch(
             tiny_teacher, tiny_shards, output_dir,
-            "--max_train_steps=4", "--checkpointing_steps=2", "--push_to_hub", "--push_checkpoints",
+            "--max_train_steps=4", "--checkpointing_steps=2", "--checkpoints_total_limit=1", "--push_to_hub", "--push_checkpoints",
             "--hub_private_repo", f"--hub_token={FLAG_TOKEN}", "--validation_prompts", "a cat", "a rocket",
             env=env,
         )
@@ -43,7 +45,9 @@ def pushed_run(tiny_teacher, tiny_shards, tmp_path_factory):
 
 
 def test_the_pipeline_and_the_checkpoints_arrive_and_nothing_else(pushed_run):
-    server, _, result = pushed_run
+    """Every checkpoint arrives, also one that --checkpoints_total_limit would have deleted while it
+    was uploaded: it is kept until its upload is done, and deleted at the end."""
+    server, output_dir, result = pushed_run
     repo_id = f"{USER}/splam-tiny"
     assert list(server.repos) == [repo_id] and server.repos[repo_id]["private"]
     files = server.repos[repo_id]["files"]
@@ -62,6 +66,8 @@ def test_the_pipeline_and_the_checkpoints_arrive_and_nothing_else(pushed_run):
     for content in files.values():
         assert FLAG_TOKEN.encode() not in content and ENV_TOKEN.encode() not in content
     assert "Uploaded the pipeline" in result.stderr
+    assert "checkpoint-2 past --checkpoints_total_limit until its upload is done" in result.stderr
+    assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-4"]
     assert server.validated_metadata and server.validated_metadata[-1]["library_name"] == "diffusers"
 
 
