@@ -406,8 +406,10 @@ def main(args):
                 "optimizer": optimizer_name(args),
                 "max_train_steps": args.max_train_steps,
             }
+            uploading = (publisher.checkpoints_to_keep(args.checkpoints_total_limit) if publisher is not None
+                         else frozenset())
             path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit,
-                                   uploading=publisher.uploading() if publisher is not None else frozenset())
+                                   uploading)
             logger.info(f"Saved {path}")
             if publisher is not None and args.push_checkpoints:
                 publisher.push_checkpoint(path, global_step)

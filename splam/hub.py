@@ -9,6 +9,8 @@ never leave the machine.
 
 import logging
 import os
+from concurrent.futures import Future
+from typing import NamedTuple
 
 from huggingface_hub import HfApi
 
@@ -23,6 +25,15 @@ PIPELINE_FILES = [
 CHECKPOINT_FILES = ["unet/*", "unet_target/*"]
 
 
+class CheckpointUpload(NamedTuple):
+    path: str
+    future: Future
+    retried: bool  # this is a retry of a failed upload
+
+    def failed(self) -> bool:
+        return self.future.done() and self.future.exception() is not None
+
+
 class HubError(RuntimeError):
     """The final upload failed; the pipeline is complete on the local disk."""
 
@@ -33,23 +44,28 @@ class HubPublisher:
     def __init__(self, repo_id: str, token=None, private: bool = False):
         self.api = HfApi(token=token)
         self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        self.uploads = {}  # step -> (checkpoint folder, Future of its upload)
+        self.uploads = {}  # step -> CheckpointUpload
 
     def push_checkpoint(self, checkpoint_path: str, step: int) -> None:
         """Upload the checkpoint's UNets to ``checkpoints/step-<step>`` without waiting. Uploads
         of earlier checkpoints that failed are logged and started again now."""
-        for failed_step, (failed_path, future) in list(self.uploads.items()):
-            if future.done() and future.exception() is not None:
-                logger.warning(f"Upload of checkpoint step {failed_step} failed ({future.exception()}); retrying")
-                if os.path.isdir(failed_path):
-                    self.uploads[failed_step] = (failed_path, self.start_checkpoint_upload(failed_path, failed_step))
-                else:
-                    logger.warning(f"{failed_path} was rotated away: step {failed_step} will not be on the Hub")
-                    del self.uploads[failed_step]
-        self.uploads[step] = (checkpoint_path, self.start_checkpoint_upload(checkpoint_path, step))
+        self.retry_failed()
+        self.uploads[step] = self.start_checkpoint_upload(checkpoint_path, step, retried=False)
 
-    def start_checkpoint_upload(self, checkpoint_path: str, step: int):
-        return self.api.upload_folder(
+    def retry_failed(self) -> None:
+        """Start again the uploads that failed, but those whose folder the rotation has taken."""
+        for step, upload in list(self.uploads.items()):
+            if not upload.failed():
+                continue
+            logger.warning(f"Upload of checkpoint step {step} failed ({upload.future.exception()}); retrying")
+            if os.path.isdir(upload.path):
+                self.uploads[step] = self.start_checkpoint_upload(upload.path, step, retried=True)
+            else:
+                logger.warning(f"{upload.path} was rotated away: step {step} will not be on the Hub")
+                del self.uploads[step]
+
+    def start_checkpoint_upload(self, checkpoint_path: str, step: int, retried: bool) -> CheckpointUpload:
+        future = self.api.upload_folder(
             repo_id=self.repo_id,
             folder_path=checkpoint_path,
             path_in_repo=f"checkpoints/step-{step}",
@@ -57,16 +73,31 @@ class HubPublisher:
             commit_message=f"Checkpoint at step {step}",
             run_as_future=True,
         )
+        return CheckpointUpload(checkpoint_path, future, retried)
 
-    def uploading(self) -> frozenset:
-        """The checkpoint folders whose upload has not finished (queued or under way)."""
-        return frozenset(path for path, future in self.uploads.values() if not future.done())
+    def checkpoints_to_keep(self, total_limit) -> frozenset:
+        """The checkpoint folders that ``--checkpoints_total_limit``'s rotation must leave for their
+        uploads: those queued or under way, and those that failed and have not had their retry
+        yet. Uploads are not allowed to fall further behind than ``total_limit`` checkpoints: past
+        that, this waits for the oldest, so that the checkpoints kept stay as few as the limit."""
+        if total_limit is not None:
+            unfinished = sorted(step for step, upload in self.uploads.items() if not upload.future.done())
+            for step in unfinished[:max(0, len(unfinished) - total_limit)]:
+                logger.info(f"Waiting for the upload of checkpoint step {step}: uploads are {len(unfinished)} "
+                            f"checkpoints behind, and --checkpoints_total_limit={total_limit}")
+                self.uploads[step].future.exception()  # waits; a failure is retried at the next checkpoint
+        return frozenset(upload.path for upload in self.uploads.values()
+                         if not upload.future.done() or (upload.failed() and not upload.retried))
 
     def wait_for_checkpoints(self) -> None:
-        """Block until the background uploads are done; log the ones that failed."""
-        for step, (_, future) in sorted(self.uploads.items()):
-            if future.exception() is not None:
-                logger.warning(f"Upload of checkpoint step {step} failed: {future.exception()}")
+        """Block until the background uploads are done, those that failed retried once more; log
+        the ones that failed."""
+        for upload in self.uploads.values():
+            upload.future.exception()
+        self.retry_failed()
+        for step, upload in sorted(self.uploads.items()):
+            if upload.future.exception() is not None:
+                logger.warning(f"Upload of checkpoint step {step} failed: {upload.future.exception()}")
 
     def push_pipeline(self, output_dir: str) -> str:
         """Upload the distilled pipeline, its model card and its sample grid; returns the commit URL."""

@@ -10,6 +10,7 @@ import yaml
 from huggingface_hub import ModelCard, constants
 
 from splam.args import parse_args, public_config
+from splam.checkpoints import rotate_checkpoints
 from splam.hub import HubError, HubPublisher
 from splam.model_card import model_card
 
@@ -66,7 +67,6 @@ def test_the_pipeline_and_the_checkpoints_arrive_and_nothing_else(pushed_run):
     for content in files.values():
         assert FLAG_TOKEN.encode() not in content and ENV_TOKEN.encode() not in content
     assert "Uploaded the pipeline" in result.stderr
-    assert "checkpoint-2 past --checkpoints_total_limit until its upload is done" in result.stderr
     assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-4"]
     assert server.validated_metadata and server.validated_metadata[-1]["library_name"] == "diffusers"
 
@@ -161,20 +161,48 @@ def test_token_from_the_environment(hub, monkeypatch, tmp_path):
     assert {auth for method, _, auth in hub.requests if method == "POST"} == {f"Bearer {ENV_TOKEN}"}
 
 
+def fake_checkpoint(output_dir, step: int) -> str:
+    path = output_dir / f"checkpoint-{step}"
+    (path / "unet").mkdir(parents=True)
+    (path / "unet" / "config.json").write_text(f'{{"step": {step}}}')
+    (path / "optimizer.bin").write_bytes(b"state")
+    (path / "training_state.json").write_text("{}")
+    return str(path)
+
+
 def test_a_failed_checkpoint_upload_is_retried_at_the_next_checkpoint(hub, tmp_path, caplog):
+    """Also under --checkpoints_total_limit=1: the failed checkpoint is kept for its retry. The
+    calls come in the training loop's order: the rotation after a save, then the push."""
     publisher = HubPublisher("retries", token=FLAG_TOKEN)
-    for step in (2, 4):
-        (tmp_path / f"checkpoint-{step}" / "unet").mkdir(parents=True)
-        (tmp_path / f"checkpoint-{step}" / "unet" / "config.json").write_text(f'{{"step": {step}}}')
-        (tmp_path / f"checkpoint-{step}" / "optimizer.bin").write_bytes(b"state")
     hub.fail_commits = 1
-    publisher.push_checkpoint(str(tmp_path / "checkpoint-2"), 2)
-    publisher.uploads[2][1].exception()  # let the failing upload finish
+    publisher.push_checkpoint(fake_checkpoint(tmp_path, 2), 2)
+    publisher.uploads[2].future.exception()  # let the failing upload finish
+    fake_checkpoint(tmp_path, 4)
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
     publisher.push_checkpoint(str(tmp_path / "checkpoint-4"), 4)
     publisher.wait_for_checkpoints()
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
     files = hub.repos[publisher.repo_id]["files"]
     assert set(files) == {"checkpoints/step-2/unet/config.json", "checkpoints/step-4/unet/config.json"}
     assert "Upload of checkpoint step 2 failed" in caplog.text and "retrying" in caplog.text
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+
+
+def test_checkpoints_uploading_are_kept_past_the_limit_and_uploads_fall_behind_by_at_most_the_limit(hub, tmp_path):
+    publisher = HubPublisher("slow", token=FLAG_TOKEN)
+    hub.preupload_seconds = 1
+    for step in (2, 4, 6):  # as the training loop does at each checkpoint, with --checkpoints_total_limit=1
+        keep = publisher.checkpoints_to_keep(1)
+        assert sum(not upload.future.done() for upload in publisher.uploads.values()) <= 1
+        fake_checkpoint(tmp_path, step)
+        rotate_checkpoints(str(tmp_path), 1, keep)
+        publisher.push_checkpoint(str(tmp_path / f"checkpoint-{step}"), step)
+    # At checkpoint-6 the upload of 2 was waited for, and 4's was under way: 4 stays past the limit.
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
+    publisher.wait_for_checkpoints()
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6"]
+    assert {name.split("/")[1] for name in hub.repos[publisher.repo_id]["files"]} == {"step-2", "step-4", "step-6"}
 
 
 def test_an_unreachable_hub_stops_the_run_before_training(tiny_teacher, tiny_shards, tmp_path):
