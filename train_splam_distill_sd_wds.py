@@ -52,7 +52,8 @@ from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
 from splam.output_dir import check_output_dir_is_not_the_teacher, claim_output_dir, prepare_output_dir
-from splam.sharding import check_fsdp_options, configure_deepspeed, raise_on_every_process, whole_student
+from splam.sharding import (check_fsdp_options, configure_deepspeed, raise_on_every_process, wait_on_every_process,
+                            whole_student)
 from splam.training import (
     build_distillation_models,
     encode_batch,
@@ -192,6 +193,16 @@ def make_publisher(accelerator, args):
             failure = f"cannot create the Hub repository {repo_id!r}: {one_line(error)}"
     raise_on_every_process(failure, SetupError)
     return publisher
+
+
+def checkpoints_kept_for_uploads(accelerator, publisher, args) -> frozenset:
+    """The checkpoints that the rotation leaves for their uploads (``HubPublisher.checkpoints_to_keep``),
+    once uploads are at most ``--checkpoints_total_limit`` checkpoints behind, so that those stay
+    as few as the limit; every process waits for that."""
+    if not (args.push_checkpoints and args.checkpoints_total_limit):
+        return frozenset()
+    wait_on_every_process(accelerator, lambda: publisher.caught_up(args.checkpoints_total_limit))
+    return publisher.checkpoints_to_keep() if accelerator.is_main_process else frozenset()
 
 
 def validate(accelerator, args, models, unet, teacher_scheduler, step: int) -> None:
@@ -406,10 +417,8 @@ def main(args):
                 "optimizer": optimizer_name(args),
                 "max_train_steps": args.max_train_steps,
             }
-            uploading = (publisher.checkpoints_to_keep(args.checkpoints_total_limit) if publisher is not None
-                         else frozenset())
             path = save_checkpoint(accelerator, args.output_dir, global_step, training_state, args.checkpoints_total_limit,
-                                   uploading)
+                                   checkpoints_kept_for_uploads(accelerator, publisher, args))
             logger.info(f"Saved {path}")
             if publisher is not None and args.push_checkpoints:
                 publisher.push_checkpoint(path, global_step)

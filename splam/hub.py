@@ -9,7 +9,7 @@ never leave the machine.
 
 import logging
 import os
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import NamedTuple
 
 from huggingface_hub import HfApi
@@ -75,17 +75,21 @@ class HubPublisher:
         )
         return CheckpointUpload(checkpoint_path, future, retried)
 
-    def checkpoints_to_keep(self, total_limit) -> frozenset:
+    def caught_up(self, total_limit: int, wait_seconds: float = 60) -> bool:
+        """Whether the uploads are at most ``total_limit`` checkpoints behind (huggingface_hub runs one
+        at a time, so uploads slower than the checkpoints fall further behind at each); if they are
+        not, first wait up to ``wait_seconds`` for the oldest, and say so."""
+        unfinished = sorted(step for step, upload in self.uploads.items() if not upload.future.done())
+        if len(unfinished) <= total_limit:
+            return True
+        logger.info(f"Waiting for the upload of checkpoint step {unfinished[0]}: uploads are {len(unfinished)} "
+                    f"checkpoints behind, and --checkpoints_total_limit={total_limit}")
+        wait([self.uploads[unfinished[0]].future], timeout=wait_seconds)
+        return False
+
+    def checkpoints_to_keep(self) -> frozenset:
         """The checkpoint folders that ``--checkpoints_total_limit``'s rotation must leave for their
-        uploads: those queued or under way, and those that failed and have not had their retry
-        yet. Uploads are not allowed to fall further behind than ``total_limit`` checkpoints: past
-        that, this waits for the oldest, so that the checkpoints kept stay as few as the limit."""
-        if total_limit is not None:
-            unfinished = sorted(step for step, upload in self.uploads.items() if not upload.future.done())
-            for step in unfinished[:max(0, len(unfinished) - total_limit)]:
-                logger.info(f"Waiting for the upload of checkpoint step {step}: uploads are {len(unfinished)} "
-                            f"checkpoints behind, and --checkpoints_total_limit={total_limit}")
-                self.uploads[step].future.exception()  # waits; a failure is retried at the next checkpoint
+        uploads: those queued or under way, and those that failed and have not had their retry yet."""
         return frozenset(upload.path for upload in self.uploads.values()
                          if not upload.future.done() or (upload.failed() and not upload.retried))
 

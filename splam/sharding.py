@@ -8,11 +8,12 @@ shards gathered first, by every process together. Only the student is sharded: t
 teacher, the VAE, the text encoder and the EMA target stay whole on every process.
 
 What one process alone does (the main one writes validation images, a checkpoint's UNets)
-can fail there alone: ``raise_on_every_process`` stops the others with its message.
+can fail there alone: ``raise_on_every_process`` stops the others with its message; it can
+also take long there: ``wait_on_every_process`` keeps the others' collectives short meanwhile.
 """
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from diffusers import UNet2DConditionModel
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
@@ -79,6 +80,18 @@ def whole_student(accelerator, unet):
         copy = UNet2DConditionModel.from_config(student.config)
     copy.load_state_dict(state_dict, assign=True)
     return copy.float()
+
+
+def wait_on_every_process(accelerator, done_on_main) -> None:
+    """Wait on every process until ``done_on_main()``, called on the main process alone, returns
+    True; each call should wait there a minute at most. The other processes wait for each answer
+    at a collective, so however long the main process waits in all (an upload), no collective
+    waits longer than one call: a single wait would fail them after the collectives' timeout."""
+    while True:
+        done = [done_on_main() if accelerator.is_main_process else None]
+        broadcast_object_list(done)
+        if done[0]:
+            return
 
 
 def raise_on_every_process(failure, error_class) -> None:

@@ -95,32 +95,52 @@ while len(os.listdir({ready_dir!r})) < 2:
 accelerator = make_accelerator(parse_args(sys.argv[1:]))
 gloo = torch.distributed.group.WORLD._get_backend(torch.device("cpu"))
 print("timeout", gloo.options._timeout, flush=True)
+{wait}
+print("all arrived", flush=True)
+"""
+ONE_LONG_WAIT = """
 if accelerator.is_main_process:
     time.sleep(10)  # as it does writing a checkpoint alone
 accelerator.wait_for_everyone()
-print("all arrived", flush=True)
 """
+WAIT_IN_SHORT_CALLS = """
+from splam.sharding import wait_on_every_process
+calls = []
+def upload_done():  # 8 s in all, as an upload the main process waits for might take
+    time.sleep(2)
+    calls.append(None)
+    return len(calls) == 4
+wait_on_every_process(accelerator, upload_done)
+"""
+
+
+def launch_slow_main_process(tmp_path, timeout_seconds: int, wait: str):
+    """``SLOW_MAIN_PROCESS`` on 2 processes, with ``--nccl_timeout`` and the main process's ``wait``."""
+    run_dir = tmp_path / f"{timeout_seconds}-{abs(hash(wait))}"
+    (run_dir / "ready").mkdir(parents=True)
+    program = run_dir / "slow_main_process.py"
+    program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT, ready_dir=str(run_dir / "ready"), wait=wait))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
+                      "--train_shards_path_or_url=unused", "--max_train_steps=1", f"--nccl_timeout={timeout_seconds}", env=env)
 
 
 def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp_path):
     """The training script's accelerator on 2 processes: the others wait at a collective for a main
     process 10 s late; with --nccl_timeout=3 they give up, with 600 (accelerate's own default for
     NCCL, which its InitProcessGroupKwargs would leave out, and gloo's then 1800) they wait."""
-    program = tmp_path / "slow_main_process.py"
-    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-
-    def launch(seconds):
-        ready_dir = tmp_path / f"ready-{seconds}"
-        ready_dir.mkdir()
-        program.write_text(SLOW_MAIN_PROCESS.format(repo_root=REPO_ROOT, ready_dir=str(ready_dir)))
-        return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(program), "--pretrained_teacher_model=unused",
-                          "--train_shards_path_or_url=unused", "--max_train_steps=1", f"--nccl_timeout={seconds}", env=env)
-
-    impatient = launch(3)
+    impatient = launch_slow_main_process(tmp_path, 3, ONE_LONG_WAIT)
     assert impatient.returncode != 0 and "Timed out waiting 3000ms" in impatient.stderr, impatient.stderr[-3000:]
-    patient = launch(600)
+    patient = launch_slow_main_process(tmp_path, 600, ONE_LONG_WAIT)
     assert patient.returncode == 0 and patient.stdout.count("all arrived") == 2, patient.stderr[-3000:]
     assert patient.stdout.count("0:10:00") == 2  # the two processes' prints may interleave
+
+
+def test_a_wait_on_the_main_process_longer_than_the_timeout_passes_in_short_calls(tmp_path):
+    """The main process waits 8 s for an upload (``checkpoints_kept_for_uploads``) while the
+    collectives give up after 3: in calls of 2 s, the others never wait longer than that."""
+    result = launch_slow_main_process(tmp_path, 3, WAIT_IN_SHORT_CALLS)
+    assert result.returncode == 0 and result.stdout.count("all arrived") == 2, result.stderr[-3000:]
 
 
 def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tmp_path):

@@ -178,10 +178,10 @@ def test_a_failed_checkpoint_upload_is_retried_at_the_next_checkpoint(hub, tmp_p
     publisher.push_checkpoint(fake_checkpoint(tmp_path, 2), 2)
     publisher.uploads[2].future.exception()  # let the failing upload finish
     fake_checkpoint(tmp_path, 4)
-    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep())
     publisher.push_checkpoint(str(tmp_path / "checkpoint-4"), 4)
     publisher.wait_for_checkpoints()
-    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep())
     files = hub.repos[publisher.repo_id]["files"]
     assert set(files) == {"checkpoints/step-2/unet/config.json", "checkpoints/step-4/unet/config.json"}
     assert "Upload of checkpoint step 2 failed" in caplog.text and "retrying" in caplog.text
@@ -192,7 +192,9 @@ def test_checkpoints_uploading_are_kept_past_the_limit_and_uploads_fall_behind_b
     publisher = HubPublisher("slow", token=FLAG_TOKEN)
     hub.preupload_seconds = 1
     for step in (2, 4, 6):  # as the training loop does at each checkpoint, with --checkpoints_total_limit=1
-        keep = publisher.checkpoints_to_keep(1)
+        while not publisher.caught_up(1, wait_seconds=0.1):
+            pass
+        keep = publisher.checkpoints_to_keep()
         assert sum(not upload.future.done() for upload in publisher.uploads.values()) <= 1
         fake_checkpoint(tmp_path, step)
         rotate_checkpoints(str(tmp_path), 1, keep)
@@ -200,7 +202,7 @@ def test_checkpoints_uploading_are_kept_past_the_limit_and_uploads_fall_behind_b
     # At checkpoint-6 the upload of 2 was waited for, and 4's was under way: 4 stays past the limit.
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
     publisher.wait_for_checkpoints()
-    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep(1))
+    rotate_checkpoints(str(tmp_path), 1, publisher.checkpoints_to_keep())
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6"]
     assert {name.split("/")[1] for name in hub.repos[publisher.repo_id]["files"]} == {"step-2", "step-4", "step-6"}
 
