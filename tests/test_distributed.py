@@ -106,10 +106,10 @@ accelerator.wait_for_everyone()
 WAIT_IN_SHORT_CALLS = """
 from splam.sharding import wait_on_every_process
 calls = []
-def upload_done():  # 8 s in all, as an upload the main process waits for might take
-    time.sleep(2)
+def upload_done():  # 6 s in all, as an upload the main process waits for might take
+    time.sleep(1)
     calls.append(None)
-    return len(calls) == 4
+    return len(calls) == 6
 wait_on_every_process(accelerator, upload_done)
 """
 
@@ -137,8 +137,8 @@ def test_nccl_timeout_is_how_long_a_collective_waits_for_the_other_processes(tmp
 
 
 def test_a_wait_on_the_main_process_longer_than_the_timeout_passes_in_short_calls(tmp_path):
-    """The main process waits 8 s for an upload (``checkpoints_kept_for_uploads``) while the
-    collectives give up after 3: in calls of 2 s, the others never wait longer than that."""
+    """The main process waits 6 s for an upload (``checkpoints_kept_for_uploads``) while the
+    collectives give up after 3: in calls of 1 s, the others never wait longer than that."""
     result = launch_slow_main_process(tmp_path, 3, WAIT_IN_SHORT_CALLS)
     assert result.returncode == 0 and result.stdout.count("all arrived") == 2, result.stderr[-3000:]
 
