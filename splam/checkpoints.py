@@ -151,9 +151,9 @@ def remove_killed_saves(output_dir: str) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None,
-                    uploading=frozenset()) -> str:
+                    kept_for_uploads=frozenset()) -> str:
     """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``
-    (``rotate_checkpoints``; ``uploading``: the checkpoints still being uploaded).
+    (``rotate_checkpoints``, which leaves ``kept_for_uploads``).
 
     On failure (disk full, no permission) the staging folder is removed, the earlier
     checkpoints are untouched, and ``CheckpointError`` names the path.
@@ -186,20 +186,20 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
             shutil.rmtree(staging_path, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        rotate_checkpoints(output_dir, total_limit, uploading)
+        rotate_checkpoints(output_dir, total_limit, kept_for_uploads)
     accelerator.wait_for_everyone()
     return final_path
 
 
-def rotate_checkpoints(output_dir: str, total_limit, uploading=frozenset()) -> None:
+def rotate_checkpoints(output_dir: str, total_limit, kept_for_uploads=frozenset()) -> None:
     """Delete all but the newest ``total_limit`` checkpoints (all kept for ``None``), except those in
-    ``uploading``: deleted under an upload, a checkpoint would never reach the Hub. The next rotation
-    after their upload deletes them."""
+    ``kept_for_uploads`` (``HubPublisher.checkpoints_to_keep``): deleted under an upload, or before the
+    retry of a failed one, a checkpoint would never reach the Hub. A later rotation deletes them."""
     if total_limit is None:
         return
     for old_path in list_checkpoints(output_dir)[:-total_limit]:
-        if old_path in uploading:
-            logger.info(f"Keeping {old_path} past --checkpoints_total_limit until its upload is done")
+        if old_path in kept_for_uploads:
+            logger.info(f"Keeping {old_path} past --checkpoints_total_limit for its upload to the Hub")
             continue
         doomed_path = os.path.join(output_dir, f".{os.path.basename(old_path)}.deleting")
         try:
