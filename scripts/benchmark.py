@@ -9,7 +9,9 @@ Builds the teacher offline (``scripts/make_tiny_teacher.py --preset``: ``sd15`` 
 SD 1.5 architecture with random weights), then measures ``--steps`` steps after a first step
 and ``--warmup`` more that are not timed, and prints s/step (median, min, max), samples/s and
 peak memory.
-``--profile_steps N`` (synthetic data) also prints the costliest operators of N more steps.
+``--profile_steps N`` (synthetic data) also profiles N more steps: the costliest operators, and
+the time of a step by kind of work (convolution, attention, matrix products, the compiler's fused
+kernels, ...), on a GPU with how much of the step the device was busy and each kind's TFLOP/s.
 
 ``--data synthetic`` (the default) runs the training script's own step
 (``splam.training.encode_batch``, ``splam_loss``, backward, clipping,
@@ -196,6 +198,7 @@ def measure_step(options, extra, teacher_dir):
     autocast = mixed_precision_autocast(accelerator)
 
     def step(count_flops=False):
+        """One training step; with ``count_flops``, returns its FLOPs by operator."""
         counter = torch.utils.flop_counter.FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
         with counter:
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
@@ -207,12 +210,12 @@ def measure_step(options, extra, teacher_dir):
             if take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value):
                 update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(),
                            args.ema_decay)
-        return counter.get_total_flops() if count_flops else None
+        return {str(operator): flops for operator, flops in counter.get_flop_counts()["Global"].items()} if count_flops else None
 
     # Eager, as the compiled step does the same arithmetic: compiled code hides its operators from
     # the counter, and a first call under the counter's dispatch mode leaves the nets uncompiled for good.
     with torch.compiler.set_stance("force_eager"):
-        flops_per_step = step(count_flops=True)
+        flops_by_operator = step(count_flops=True)
     if args.torch_compile:
         step()  # the first compiled step, untimed as the first step is: it compiles
     for _ in range(options.warmup):
@@ -231,24 +234,98 @@ def measure_step(options, extra, teacher_dir):
         with Timer(accelerator.device) as timer:
             step()
         times.append(timer.seconds)
-    if options.profile_steps:
-        print(profile_table(step, options.profile_steps, accelerator.device))
-    return times, flops_per_step, operators
+    profile = profile_steps(step, options.profile_steps, accelerator.device) if options.profile_steps else None
+    return {"times": times, "flops_by_operator": flops_by_operator, "operators": operators, "profile": profile}
 
 
-def profile_table(step, num_steps: int, device) -> str:
-    """The operators that took the most time over ``num_steps`` more steps, from
-    ``torch.profiler``: device time on a GPU, host time elsewhere."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
+# Kinds of work in a step, told apart by the names of the kernels (on a GPU) or operators (on a
+# CPU) that do it, the first kind whose pattern a lowercased name contains. The compiler's kernels
+# come first, as inductor names them after the operators they fuse ("triton_poi_fused_convolution_...");
+# attention before convolution, as cuDNN's attention kernels are "..._sdpa_..._fprop_...".
+WORK_KINDS = (
+    ("fused by the compiler", ("triton",)),
+    ("attention", ("attention", "sdpa", "fmha", "flash")),
+    ("convolution", ("convol", "conv2d", "fprop", "dgrad", "wgrad", "winograd", "nchwtonhwc", "nhwctonchw")),
+    ("optimizer and EMA", ("adam", "optimizer", "quantize", "multi_tensor", "foreach", "lerp")),
+    ("matrix product", ("gemm", "nvjet", "mm")),
+    ("normalisation", ("group_norm", "layer_norm", "groupnorm", "layernorm", "moments", "gammabeta")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+OTHER_WORK = "other"
+
+
+def work_kind(name: str) -> str:
+    """The kind of work (``WORK_KINDS``) a kernel or operator named ``name`` does."""
+    lowered = name.lower()
+    return next((kind for kind, patterns in WORK_KINDS if any(pattern in lowered for pattern in patterns)), OTHER_WORK)
+
+
+def by_work_kind(amounts: dict) -> dict:
+    """``{name: amount}`` summed by kind of work, costliest first."""
+    totals = collections.Counter()
+    for name, amount in amounts.items():
+        totals[work_kind(name)] += amount
+    return dict(totals.most_common())
+
+
+def busy_seconds(intervals) -> float:
+    """The length of the union of ``(start, end)`` intervals: how long something ran."""
+    busy, covered_until = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > covered_until:
+            busy += end - max(start, covered_until)
+            covered_until = end
+    return busy
+
+
+def profile_steps(step, num_steps: int, device) -> dict:
+    """Profile ``num_steps`` more steps with ``torch.profiler`` and print the costliest operators.
+
+    Returns, per step, the seconds of each kind of work (``seconds_by_kind``) and of the costliest
+    kernels or operators left as "other": on a GPU the device time of the kernels and copies in the
+    profiler's trace, with ``busy_seconds`` (the time some kernel ran) and ``span_seconds`` (from
+    the first kernel's start to the last one's end), so that ``span - busy`` is the time the device
+    waited for the host (an upper bound: tracing slows the host); elsewhere, or where the trace
+    holds no kernels, the host's self time of each operator."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(num_steps):
             step()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort_by, row_limit=25)
+    averages = profiler.key_averages()
+    print(averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25))
+    profile = {"steps": num_steps}
+    seconds = collections.Counter()
+    if cuda:
+        with tempfile.TemporaryDirectory() as trace_dir:
+            trace_path = os.path.join(trace_dir, "trace.json")
+            profiler.export_chrome_trace(trace_path)
+            with open(trace_path) as handle:
+                seconds, busy, span = device_time(json.load(handle)["traceEvents"])
+        if seconds:  # none where the profiler could not trace the device
+            profile["busy_seconds"], profile["span_seconds"] = busy / num_steps, span / num_steps
+    if not seconds:
+        for average in averages:
+            seconds[average.key] += average.self_cpu_time_total / 1e6
+    seconds = collections.Counter({name: total / num_steps for name, total in seconds.items()})
+    profile["seconds_by_kind"] = by_work_kind(seconds)
+    profile["costliest_other"] = [[name, time] for name, time in seconds.most_common() if work_kind(name) == OTHER_WORK][:10]
+    return profile
+
+
+def device_time(trace_events):
+    """From the events of a ``torch.profiler`` trace (Chrome's format, times in microseconds): the
+    device's seconds by kernel name (copies and fills included), the seconds some kernel ran and
+    the seconds from the first kernel's start to the last one's end."""
+    kernels = [event for event in trace_events if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    seconds = collections.Counter()
+    for kernel in kernels:
+        seconds[kernel["name"]] += kernel["dur"] / 1e6
+    intervals = [(kernel["ts"] / 1e6, (kernel["ts"] + kernel["dur"]) / 1e6) for kernel in kernels]
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals) if intervals else 0.0
+    return seconds, busy_seconds(intervals), span
 
 
 def logged_run(logging_dir: str, warmup: int):
@@ -306,6 +383,25 @@ def measure_training(options, extra, teacher_dir, work_dir):
     return times, peak_gpu_memory, first_step - started, steps
 
 
+def profile_summary(profile: dict, tflop_by_kind: dict) -> str:
+    """The lines that say where a profiled step's time went, by kind of work, with each kind's
+    TFLOP/s where its FLOPs were counted."""
+    traced_device = "busy_seconds" in profile
+    where = "device" if traced_device else "host (self time)"
+    lines = [f"time per step by kind of work, {where}, over {profile['steps']} profiled steps:"]
+    if traced_device:
+        lines[0] += (f" the device busy {profile['busy_seconds']:.4f} s of {profile['span_seconds']:.4f} s "
+                     f"({profile['busy_seconds'] / profile['span_seconds']:.0%})")
+    total = sum(profile["seconds_by_kind"].values())
+    for kind, seconds in profile["seconds_by_kind"].items():
+        line = f"  {kind}: {seconds:.4f} s ({seconds / total:.0%})"
+        if tflop_by_kind.get(kind):
+            line += f", {tflop_by_kind[kind]:.4g} TFLOP, {tflop_by_kind[kind] / seconds:.4g} TFLOP/s"
+        lines.append(line)
+    lines.append("  costliest of the other: " + "; ".join(f"{name[:80]} {seconds:.4f} s" for name, seconds in profile["costliest_other"][:5]))
+    return "\n".join(lines)
+
+
 def write_figures(figures: dict, path: str) -> None:
     """Write ``figures`` as JSON to ``path`` whole or not at all: ``throughput_figures.py`` takes
     them from a row it had to stop."""
@@ -343,9 +439,11 @@ def main():
     options.mixed_precision = options.mixed_precision or ("fp16" if cuda else "no")
 
     teacher_dir = cached_teacher(options.preset, options.teacher_dir)
-    flops_per_step = operators = seconds_to_first_step_done = steps = None
+    flops_by_operator = operators = profile = seconds_to_first_step_done = steps = None
     if options.data == "synthetic":
-        times, flops_per_step, operators = measure_step(options, extra, teacher_dir)
+        measured = measure_step(options, extra, teacher_dir)
+        times, flops_by_operator, operators, profile = (
+            measured["times"], measured["flops_by_operator"], measured["operators"], measured["profile"])
         peak_gpu_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     else:
         work_dir = tempfile.mkdtemp(prefix="splam-benchmark-run-")
@@ -356,6 +454,7 @@ def main():
             shutil.rmtree(work_dir, ignore_errors=True)
 
     median = statistics.median(times)
+    flops_per_step = sum(flops_by_operator.values()) if flops_by_operator else None
     device = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU"
     figures = {
         "preset": options.preset, "mode": options.mode, "data": options.data, "batch_size": options.batch_size,
@@ -365,7 +464,8 @@ def main():
         "samples_per_s": options.batch_size / median,
         "optimizer": optimizer_name(training_args(teacher_dir, options, "unused", "--max_train_steps=1", *extra)),
         "device": device,
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                     "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__, "accelerate": accelerate.__version__},
     }
     if cuda:
@@ -374,11 +474,14 @@ def main():
         figures["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if flops_per_step:
         figures["tflop_per_step"] = flops_per_step / 1e12
+        figures["tflop_per_step_by_kind"] = {kind: flops / 1e12 for kind, flops in by_work_kind(flops_by_operator).items()}
         figures["achieved_tflops"] = flops_per_step / median / 1e12
         if options.peak_tflops:
             figures["fraction_of_floor"] = (flops_per_step / (options.peak_tflops * 1e12)) / median
     if operators:
         figures["operators_per_step"] = operators
+    if profile:
+        figures["profile"] = profile
     if seconds_to_first_step_done is not None:
         figures["seconds_to_first_step_done"] = seconds_to_first_step_done
         figures["steps"] = steps
@@ -398,6 +501,8 @@ def main():
     if operators:
         print(f"operators per step, views aside: {sum(operators.values())} ("
               + ", ".join(f"{phase} {count}" for phase, count in operators.items()) + ")")
+    if profile:
+        print(profile_summary(profile, figures.get("tflop_per_step_by_kind", {})))
     if options.out:
         write_figures(figures, options.out)
 

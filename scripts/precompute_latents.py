@@ -178,14 +178,14 @@ def main(args):
     try:
         prepare_output_dir(args.output_dir)
         check_earlier_outputs(args, urls)
-        tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+        dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+        tokenizer, text_encoder, vae = load_text_encoder_and_vae(args, dtype)
     except SetupError as error:
         sys.exit(f"error: {error}")
     # Jobs started side by side on one machine take its GPUs in turn.
     device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    text_encoder.to(device, dtype)
-    vae.to(device, dtype)
+    text_encoder.to(device)
+    vae.to(device)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
     stats, written, failed, unusable, started = DataStats(), 0, [], [], time.perf_counter()
     mine = range(args.job_index, len(urls), args.num_jobs)

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                           help="Overrides accelerate's config.")
     training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
+    training.add_argument("--cudnn_benchmark", action="store_true",
+                          help="Let cuDNN time its algorithms for each convolution shape once and keep the fastest "
+                               "(torch.backends.cudnn.benchmark): seconds at the start and more workspace memory; "
+                               "the same math, as the step's shapes do not change.")
     training.add_argument("--cast_teacher_unet", action="store_true",
                           help="Keep the whole teacher UNet, norms included, in the half-precision dtype (without it, "
                                "under fp16 or bf16, only its convolutions and linear layers are: fp32's math under autocast).")

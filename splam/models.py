@@ -33,8 +33,8 @@ def weight_variants(folder: str) -> list:
     return sorted({match.group(1) for match in map(VARIANT_FILE.match, names) if match})
 
 
-def load_teacher_part(args, model_class, subfolder: str, revision=None):
-    """``subfolder`` of the teacher: weights of ``--variant``, in float32 whatever dtype they were
+def load_teacher_part(args, model_class, subfolder: str, revision=None, dtype=torch.float32):
+    """``subfolder`` of the teacher: weights of ``--variant``, in ``dtype`` whatever dtype they were
     stored in, from ``--teacher_revision`` unless ``revision`` is given. diffusers models load in
     float32 by default; transformers 5 keeps the stored dtype unless told, so a text encoder saved
     in float16 would meet float32 nets at the export."""
@@ -42,7 +42,9 @@ def load_teacher_part(args, model_class, subfolder: str, revision=None):
     if model_class is not CLIPTokenizer:
         options.update(variant=args.variant)
     if issubclass(model_class, PreTrainedModel):
-        options.update(dtype=torch.float32)
+        options.update(dtype=dtype)
+    elif model_class is not CLIPTokenizer:
+        options.update(torch_dtype=dtype)
     try:
         return model_class.from_pretrained(args.pretrained_teacher_model, **options)
     except OSError as error:
@@ -148,15 +150,17 @@ def lcm_scheduler(teacher_scheduler_config, num_ddim_timesteps: int) -> LCMSched
     )
 
 
-def load_text_encoder_and_vae(args):
-    """``(tokenizer, text_encoder, vae)``, frozen, on the CPU in float32."""
+def load_text_encoder_and_vae(args, dtype=torch.float32):
+    """``(tokenizer, text_encoder, vae)``, frozen, on the CPU in ``dtype``. Loaded in it rather than
+    cast after: diffusers 0.42 warns at every cast of a model with ``to(dtype)``."""
     tokenizer = load_teacher_part(args, CLIPTokenizer, "tokenizer")
-    text_encoder = load_teacher_part(args, CLIPTextModel, "text_encoder")
+    text_encoder = load_teacher_part(args, CLIPTextModel, "text_encoder", dtype=dtype)
     if args.pretrained_vae_model_name_or_path is None:
-        vae = load_teacher_part(args, AutoencoderKL, "vae")
+        vae = load_teacher_part(args, AutoencoderKL, "vae", dtype=dtype)
     else:
         try:
-            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+            vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir,
+                                                torch_dtype=dtype)
         except OSError as error:
             raise vae_load_error(args, error) from error
     return tokenizer, freeze(text_encoder), freeze(vae)

@@ -72,12 +72,12 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
     # half dtype where the step computes in it, and the teacher's convolutions and linear layers
     # otherwise: no weight casts on every call.
     weight_dtype = half_dtype(accelerator) or torch.float32
-    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args)
+    tokenizer, text_encoder, vae = load_text_encoder_and_vae(args, weight_dtype)
     teacher_unet = load_teacher_unet(args)
     unet = build_student(args, teacher_unet)
     target_unet = build_target(unet)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device)
+    vae.to(accelerator.device)
     if args.cast_teacher_unet:
         if weight_dtype == torch.float32:
             logger.warning("--cast_teacher_unet: the step computes in float32 here (no fp16 or bf16 autocast), "
@@ -93,6 +93,8 @@ def build_distillation_models(args, accelerator, teacher_scheduler) -> Distillat
             model.to(memory_format=torch.channels_last)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if args.enable_xformers_memory_efficient_attention:
         for model in (teacher_unet, unet, target_unet):
             model.enable_xformers_memory_efficient_attention()
@@ -243,9 +245,14 @@ def posterior_moments(pixels: torch.Tensor, vae, batch_size: int) -> torch.Tenso
 
 
 def sample_latents(moments: torch.Tensor, vae) -> torch.Tensor:
-    """``z = latent_dist.sample() * vae.config.scaling_factor``, drawn in float32."""
+    """``z = latent_dist.sample() * vae.config.scaling_factor``, drawn in float32.
+
+    Returned contiguous: moments fresh from a channels-last VAE are channels-last, those read from
+    latent shards are not, and the UNets' inputs inherit the layout, to which compiled UNets are
+    specialised. One layout lets their compilation serve both sources (and the inductor cache
+    be shared by runs from images and from latents)."""
     moments = moments.to(vae.device, torch.float32, non_blocking=True)
-    return DiagonalGaussianDistribution(moments).sample() * vae.config.scaling_factor
+    return (DiagonalGaussianDistribution(moments).sample() * vae.config.scaling_factor).contiguous()
 
 
 @torch.no_grad()

@@ -43,11 +43,20 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
                         "--mixed_precision", "bf16", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     for text in ("s/step: median", "samples/s:", "peak memory:", "TFLOP per step", "of the floor", "Self CPU time total",
-                 "operators per step, views aside:"):
+                 "operators per step, views aside:", "time per step by kind of work, host (self time)"):
         assert text in result.stdout, text
     figures = json.load(open(out))
     assert figures["s_per_step"]["min"] <= figures["s_per_step"]["median"] <= figures["s_per_step"]["max"]
     assert figures["tflop_per_step"] > 0 and figures["samples_per_s"] == pytest.approx(2 / figures["s_per_step"]["median"])
+    # The FLOPs by kind add up to the step's, nearly all in convolutions and matrix products.
+    by_kind = figures["tflop_per_step_by_kind"]
+    assert sum(by_kind.values()) == pytest.approx(figures["tflop_per_step"])
+    assert by_kind["convolution"] > 0 and by_kind["matrix product"] > 0
+    # The profiled step's host time by kind: within the step's time, the convolutions a good part of it.
+    seconds_by_kind = figures["profile"]["seconds_by_kind"]
+    assert 0.2 * figures["s_per_step"]["min"] < sum(seconds_by_kind.values()) < 2 * figures["s_per_step"]["max"]
+    assert seconds_by_kind["convolution"] > 0.05 * sum(seconds_by_kind.values())
+    assert {"attention", "optimizer and EMA", "normalisation"} <= set(seconds_by_kind)
     # Same architecture, one call each (the teacher's twice as wide): under autocast the fp32
     # target's convolution and linear weights are cast on every call, the teacher's are stored for it.
     operators = figures["operators_per_step"]
@@ -125,14 +134,53 @@ def test_the_compiled_step_is_counted_the_flops_of_the_eager_one(tiny_teacher, m
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **options: plain_compile(module, backend=compilations))
     options = types.SimpleNamespace(mode="fast", resolution=RESOLUTION, batch_size=2, mixed_precision="no",
                                     warmup=0, steps=2, profile_steps=0)
-    compiled_times, compiled_flops, compiled_operators = measure_step(options, [], tiny_teacher)
+    compiled = measure_step(options, [], tiny_teacher)
     options.mode = "fast-eager"
-    _, eager_flops, eager_operators = measure_step(options, [], tiny_teacher)
-    assert compiled_flops == eager_flops > 0
-    assert max(compiled_times) < compile_seconds  # the compilation is not timed, even with --warmup 0
+    eager = measure_step(options, [], tiny_teacher)
+    assert compiled["flops_by_operator"] == eager["flops_by_operator"] and sum(eager["flops_by_operator"].values()) > 0
+    assert max(compiled["times"]) < compile_seconds  # the compilation is not timed, even with --warmup 0
     # Counted under the counter's dispatch mode, a first call would have left the nets uncompiled for good.
     assert compilations.frame_count > 0
-    assert compiled_operators is None and eager_operators["student forward"] > 0
+    assert compiled["operators"] is None and eager["operators"]["student forward"] > 0
+
+
+def test_a_profiled_steps_kernels_are_told_apart_by_kind_and_the_devices_idle_time_counted():
+    """Kernel names as an H100 runs them (cuDNN, cuBLAS, FlashAttention, inductor, ATen), and a
+    trace in the format ``torch.profiler`` exports: three kernels, two overlapping, then a gap."""
+    from benchmark import device_time, work_kind
+
+    kinds = {
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_kernel__5x_cudnn": "convolution",
+        "sm90_xmma_wgrad_implicit_gemm_indexed_f16f16_f16f32_f32_nhwckrsc_nhwc_kernel__5x_cudnn": "convolution",
+        "void nchwToNhwcKernel<__half, __half, float, true, false, (cudnnKernelDataType_t)0>": "convolution",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0": "attention",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4, false>, true>": "attention",
+        "nvjet_hsh_128x256_64x4_1x2_h_bz_coopA_NNT": "matrix product",
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_kernel": "matrix product",
+        "triton_poi_fused__to_copy_convolution_0": "fused by the compiler",
+        "triton_red_fused_native_group_norm_silu_1": "fused by the compiler",
+        "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>": "optimizer and EMA",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>": "normalisation",
+        "Memcpy HtoD (Pinned -> Device)": "copy",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "other",
+        "aten::mkldnn_convolution": "convolution",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "aten::addmm": "matrix product",
+        "aten::normal_": "other",
+    }
+    assert {name: work_kind(name) for name in kinds} == kinds
+
+    trace = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::convolution", "ts": 0.0, "dur": 50.0},
+        {"ph": "X", "cat": "kernel", "name": "conv_fprop", "ts": 1_000_000.0, "dur": 30.0},
+        {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 1_000_020.0, "dur": 20.0},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 1_000_070.0, "dur": 10.0},
+        {"ph": "X", "cat": "kernel", "name": "conv_fprop", "ts": 1_000_090.0, "dur": 10.0},
+    ]
+    seconds, busy, span = device_time(trace)
+    assert seconds == {"conv_fprop": pytest.approx(40e-6), "gemm": pytest.approx(20e-6), "Memcpy HtoD": pytest.approx(10e-6)}
+    assert busy == pytest.approx(60e-6) and span == pytest.approx(100e-6)
+    assert device_time(trace[:1]) == ({}, 0.0, 0.0)  # no kernel traced: the host's times are taken instead
 
 
 def test_step_times_come_from_the_logged_wall_times_after_the_warm_up(tmp_path):
@@ -175,6 +223,14 @@ def fixed_step_loss(tiny_teacher, *flags, from_latents=False):
 def test_speed_options_leave_the_loss_unchanged(tiny_teacher, option):
     reference = fixed_step_loss(tiny_teacher)
     assert fixed_step_loss(tiny_teacher, option) == pytest.approx(reference, rel=1e-5)
+
+
+def test_cudnn_benchmark_lets_cudnn_choose_its_convolutions_by_timing_them(tiny_teacher, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for flags, chosen_by_timing in (((), False), (("--cudnn_benchmark",), True)):
+        args = teacher_args(tiny_teacher, *flags)
+        build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+        assert torch.backends.cudnn.benchmark is chosen_by_timing
 
 
 UNETS = {"teacher_unet", "unet", "target_unet"}
@@ -222,6 +278,28 @@ def test_validation_and_the_export_sample_with_compiled_unets_without_compiling(
     assert compilations.frame_count == 1  # outside the sampling, the UNet is compiled as --torch_compile asks
 
 
+def test_the_compiled_unets_serve_batches_of_images_and_of_precomputed_latents_alike(tiny_teacher):
+    """With ``--channels_last`` the VAE's moments are channels-last and those read from latent shards
+    are not; the UNets compiled on one source must not compile again for the other."""
+    args = teacher_args(tiny_teacher, "--channels_last", f"--resolution={RESOLUTION}")
+    models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="no"), load_teacher_scheduler(args))
+    compilations = CompileCounter()
+    for unet in (models.teacher_unet, models.target_unet):
+        unet.compile(backend=compilations)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand((2, 3, RESOLUTION, RESOLUTION), generator=generator) * 2 - 1
+    input_ids = torch.randint(0, len(models.tokenizer), (2, 77), generator=generator)
+    with torch.no_grad():
+        splam_loss(*encode_batch(pixels, input_ids, models, args), models, args, contextlib.nullcontext)
+        compiled_for_images = compilations.frame_count
+        # As a latent shard's loader gives them: float16, in the default layout.
+        moments = posterior_moments(pixels, models.vae, batch_size=2).half().contiguous()
+        prompt_embeds = encode_prompts(input_ids, models.text_encoder).half()
+        args.train_latents_path_or_url = "unused"
+        splam_loss(*encode_batch(moments, prompt_embeds, models, args), models, args, contextlib.nullcontext)
+    assert compiled_for_images > 0 and compilations.frame_count == compiled_for_images
+
+
 def test_cast_teacher_unet_says_when_there_is_no_half_dtype_to_cast_to(tiny_teacher, caplog):
     args = teacher_args(tiny_teacher, "--cast_teacher_unet")
     with caplog.at_level(logging.WARNING, logger="splam.training"):
@@ -260,6 +338,30 @@ def test_the_teacher_stored_for_autocast_computes_the_same_without_weight_casts(
     (expected, reference_casts), (output, stored_casts) = call(reference), call(stored)
     assert torch.equal(output, expected)
     assert reference_casts - stored_casts >= conv_and_linear_weights(stored) > 0
+
+
+def test_the_frozen_encoders_are_loaded_in_the_half_dtype_without_diffusers_cast_warning(tiny_teacher):
+    """Under mixed precision the VAE and the text encoder are held in the half dtype. diffusers
+    0.42 warns at every ``to(dtype)`` of a model, so they are loaded in it instead, a VAE of its own included."""
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    diffusers_logger = logging.getLogger("diffusers")  # which does not propagate to pytest's handlers
+    diffusers_logger.addHandler(handler)
+    try:
+        for flags in ((), (f"--pretrained_vae_model_name_or_path={os.path.join(tiny_teacher, 'vae')}",)):
+            args = teacher_args(tiny_teacher, *flags)
+            AcceleratorState._reset_state()
+            try:
+                models = build_distillation_models(args, Accelerator(cpu=True, mixed_precision="bf16"),
+                                                   load_teacher_scheduler(args))
+            finally:
+                AcceleratorState._reset_state()
+            for net in (models.vae, models.text_encoder):
+                assert {parameter.dtype for parameter in net.parameters()} == {torch.bfloat16}
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [warning for warning in warnings if "should be kept in float32" in warning]
 
 
 class CountCasts(TorchDispatchMode):
