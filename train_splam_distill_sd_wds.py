@@ -28,7 +28,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
@@ -46,8 +46,8 @@ from splam.checkpoints import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
-                        train_batches, train_shard_urls, training_samples)
+from splam.data import (READERS_FIXED_BY, DataError, DataStats, ShardStream, data_stream_changes, is_per_process,
+                        make_train_dataloader, train_batches, train_shard_urls, training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -74,8 +74,8 @@ POLYNOMIAL_LR_END = 1e-7
 
 
 # The signals stop_on_signal has received. Its KeyboardInterrupt is lost where it lands in a callback
-# whose exceptions Python ignores (logging's at-fork hook, run each time a segment forks its loader
-# workers), so the loop looks here too.
+# whose exceptions Python ignores (logging's at-fork hook, run when the loader forks its workers),
+# so the loop looks here too.
 stop_signals = []
 
 
@@ -276,8 +276,37 @@ def main(args):
     models = build_distillation_models(args, accelerator, teacher_scheduler)
     optimizer = make_optimizer(args, models.unet.parameters(), learning_rate)
 
-    # The stream is cut into segments of one checkpoint interval, so a resume starts a segment.
-    batches_per_segment = args.checkpointing_steps * args.gradient_accumulation_steps
+    # What fixes the data stream: any change makes the batches after a resume differ from those
+    # of an uninterrupted run.
+    data_stream = {"batches_per_segment": args.checkpointing_steps * args.gradient_accumulation_steps,
+                   "train_batch_size": args.train_batch_size,
+                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                   "num_processes": accelerator.num_processes, "dataloader_num_workers": args.dataloader_num_workers,
+                   "shuffle_buffer_size": args.shuffle_buffer_size, "seed": args.seed,
+                   "shards": redact_tokens(args.train_latents_path_or_url or args.train_shards_path_or_url,
+                                           known_tokens([args.hub_token]))}
+    global_step, first_segment, samples_seen, data_stats, positions = 0, 0, 0, DataStats(), {}
+    if resume_state is not None:
+        global_step, first_segment = resume_state["global_step"], resume_state["data_segment"]
+        samples_seen = resume_state["samples_seen"]
+        if accelerator.is_main_process:  # the checkpoint holds all processes' counts
+            data_stats.update(resume_state["data_stats"])
+        changed = data_stream_changes(resume_state["data_stream"], data_stream)
+        if changed:
+            logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
+                           "from an uninterrupted run's, so this resume is not exact")
+        if "reading_positions" not in resume_state:
+            logger.warning(f"{resume_path} predates checkpoints that say where each data reader stands: the readers "
+                           "start their passes over the shards afresh, so this resume is not exact")
+        elif not set(changed) & READERS_FIXED_BY:  # the same readers: each reads on where it stopped
+            positions = {int(reader): position for reader, position in resume_state["reading_positions"].items()}
+
+    # The stream is cut into segments of one checkpoint interval, so a resume starts a segment. A
+    # checkpoint must end a segment, or a resume from it would skip the rest of that segment's
+    # batches: after a resume off this run's grid (--checkpointing_steps changed), the first segment
+    # is cut short to end at the next checkpoint.
+    batches_per_segment = data_stream["batches_per_segment"]
+    first_segment_batches = (-global_step % args.checkpointing_steps) * args.gradient_accumulation_steps or batches_per_segment
     train_dataloader = make_train_dataloader(
         ShardStream(
             shard_urls,
@@ -288,14 +317,20 @@ def main(args):
             seed=0 if args.seed is None else args.seed,
             process_index=accelerator.process_index,
             num_processes=accelerator.num_processes,
+            first_segment=first_segment,
+            first_segment_batches=first_segment_batches,
+            positions=positions,
         ),
         num_workers=args.dataloader_num_workers,
         pin_memory=accelerator.device.type == "cuda",
     )
+    # Where this process's readers read on: a checkpoint gathers them all.
+    workers = max(1, args.dataloader_num_workers)
+    reading_positions = {reader: position for reader, position in positions.items() if reader // workers == accelerator.process_index}
 
-    readers = accelerator.num_processes * max(1, args.dataloader_num_workers)
+    readers = accelerator.num_processes * workers
     if len(shard_urls) < readers:
-        logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each draws from all "
+        logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each reads from all "
                        "shards, so some samples may be read by more than one")
 
     # Stepped once per update taken (take_optimizer_step), not prepared: accelerate would step it
@@ -308,28 +343,11 @@ def main(args):
     autocast = mixed_precision_autocast(accelerator)
     register_unet_hooks(accelerator, target_unet)
 
-    # What fixes the data stream: any change makes the batches after a resume differ from those
-    # of an uninterrupted run.
-    data_stream = {"batches_per_segment": batches_per_segment, "train_batch_size": args.train_batch_size,
-                   "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                   "num_processes": accelerator.num_processes, "dataloader_num_workers": args.dataloader_num_workers,
-                   "shuffle_buffer_size": args.shuffle_buffer_size, "seed": args.seed,
-                   "shards": redact_tokens(args.train_latents_path_or_url or args.train_shards_path_or_url,
-                                           known_tokens([args.hub_token]))}
-    global_step, first_segment, samples_seen, data_stats = 0, 0, 0, DataStats()
     if resume_state is not None:
         logger.info(f"Resuming from {resume_path}")
         changes = load_checkpoint(accelerator, resume_path, optimizer, lr_scheduler, hyperparameters)
         if changes:
             logger.warning(f"Optimizer settings changed since the checkpoint, this run's apply: {'; '.join(changes)}")
-        global_step, first_segment = resume_state["global_step"], resume_state["data_segment"]
-        samples_seen = resume_state["samples_seen"]
-        if accelerator.is_main_process:  # the checkpoint holds all processes' counts
-            data_stats.update(resume_state["data_stats"])
-        changed = data_stream_changes(resume_state["data_stream"], data_stream)
-        if changed:
-            logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
-                           "from an uninterrupted run's, so this resume is not exact")
         if resume_state["max_train_steps"] != args.max_train_steps:
             logger.warning(f"The run now lasts {args.max_train_steps} optimizer steps, not {resume_state['max_train_steps']}: "
                            "the rest of the lr schedule is reshaped")
@@ -349,17 +367,14 @@ def main(args):
         range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
     )
     batches_seen, nonfinite_in_a_row, update_loss = 0, 0, 0.0
-    # A checkpoint must end a segment, or a resume from it would skip the rest of that segment's
-    # batches. After a resume off this run's grid (--checkpointing_steps changed), the first segment
-    # is cut short to end at the next checkpoint.
-    first_segment_batches = (-global_step % args.checkpointing_steps) * args.gradient_accumulation_steps or batches_per_segment
-    batches = train_batches(train_dataloader, first_segment, first_segment_batches)
+    batches = train_batches(train_dataloader)
     while global_step < args.max_train_steps:
         if stop_signals:
             raise KeyboardInterrupt(stop_signals[0])
-        inputs, conditioning, batch_stats = next(batches)
+        inputs, conditioning, batch_stats, (reader, position) = next(batches)
         batches_seen += 1
         data_stats.update(batch_stats)
+        reading_positions[reader] = position
         with accelerator.accumulate(unet):
             # 1. Latents z and prompt embeddings c. 2-7. The SPLAM loss (splam.training.splam_loss).
             latents, prompt_embeds = encode_batch(inputs, conditioning, models, args)
@@ -412,6 +427,8 @@ def main(args):
                 "global_step": global_step,
                 "data_segment": first_segment + 1 + math.ceil((batches_seen - first_segment_batches) / batches_per_segment),
                 "data_stream": data_stream,
+                "reading_positions": {str(reader): position for positions_of_a_process in gather_object([reading_positions])
+                                      for reader, position in positions_of_a_process.items()},
                 "samples_seen": samples_seen,
                 "data_stats": dict(all_data_stats),
                 "optimizer": optimizer_name(args),

@@ -31,7 +31,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 RNG_STATE_PATTERN = re.compile(rf"^{RNG_STATE_NAME}_(\d+)\.pkl$")
 TRAINING_STATE = "training_state.json"
 # Bumped when training_state.json or the checkpoint's files change meaning.
-TRAINING_STATE_FORMAT = 3
+TRAINING_STATE_FORMAT = 4
+# Format 3 lacks where the data readers stand (``reading_positions``): a resume from it starts them afresh.
+READABLE_FORMATS = (3, TRAINING_STATE_FORMAT)
 # What a failed write of weights raises (a full disk, no permission): torch.save reports it as
 # RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -68,7 +70,7 @@ def read_training_state(checkpoint_path: str) -> dict:
             training_state = json.load(handle)
     except (OSError, ValueError) as error:  # unreadable, or not JSON
         raise SetupError(f"cannot read {path}: {error}") from error
-    if not isinstance(training_state, dict) or training_state.get("format") != TRAINING_STATE_FORMAT:
+    if not isinstance(training_state, dict) or training_state.get("format") not in READABLE_FORMATS:
         raise SetupError(f"{checkpoint_path} was written by an earlier version of this script, in another format: "
                          "resume it with that version")
     return training_state

@@ -11,10 +11,12 @@ Web data is dirty. Every sample that cannot be used is skipped, every one that c
 mended is repaired, and both are counted by reason (``DataStats``) so the training loop
 can report them; a stream in which nothing usable remains raises ``DataError``.
 
-For exact resume the stream is cut into *segments* of a fixed number of batches (one
-checkpoint interval). Everything random in a segment (shard choice, shuffle, crops,
-flips) comes from an RNG seeded by ``(seed, segment, process, worker)`` only, so the
-stream from segment ``k`` on is the same whether or not the run was restarted there.
+Each reader (a loader worker of a process) reads its own share of the shards in passes, each
+shard whole. For exact resume the stream is cut into *segments* of a fixed number of batches
+(one checkpoint interval): the checkpoint stores where each reader reads on, and everything
+random in a segment (shuffle, crops, flips) comes from an RNG seeded by ``(seed, segment,
+process, worker)`` only, so the stream from segment ``k`` on is the same whether or not the
+run was restarted there.
 """
 
 import codecs
@@ -251,7 +253,7 @@ def decoded_samples(encoded, decode, stats: DataStats, what: str, on_dead_run=No
     """``(decode(data), rest)`` for each ``(data, rest)`` whose data decodes (``decode`` returns
     ``None`` for one that does not, counted by it). Once ``MAX_UNDECODABLE_IN_A_ROW`` have failed in
     a row with none decoded before, ``on_dead_run(message)`` is asked at each further failure: it
-    raises to stop, returns True to count afresh (the stream draws from other shards now) or False
+    raises to stop, returns True to count afresh (the stream reads from other shards now) or False
     to go on counting. Without it failures are only counted, as for one finite shard. ``what``
     names the data in the message."""
     failures_in_a_row, decoded_any = 0, False
@@ -404,88 +406,128 @@ def shards(count: int) -> str:
     return f"{count} shard{'' if count == 1 else 's'}"
 
 
-class ShardDraws:
-    """The shards one reader draws in one segment, at random with replacement from its own share
-    of them, and when it gives up on what it draws from. It gives up once draws can tell that
-    they hold nothing usable:
+class ShardReader:
+    """The raw samples one reader (a loader worker of a process) reads over a run, in order: its
+    own share of the shards pass after pass, each pass in an order drawn from ``(seed, reader,
+    pass)``, each shard from its first sample to its last, so that every sample of the share is
+    read once per pass. ``position`` is where the next sample comes from (the ``pool`` of shards,
+    the ``pass``, the ``shard`` in that pass's order and the ``sample`` in that shard); a
+    checkpoint stores it, and a reader made with it reads on from there.
 
-    - before the segment's first usable sample, once every shard drawn from (or 64 of them) has
-      been drawn without one: counting draws instead would stop good data by chance (with 3 of 4
-      shards missing, 8 draws miss the good one 10% of the time);
-    - after it, once 20 draws per shard in a row have found none: a run that chance gives with
-      probability under e^-20 while a good shard is there, so the shards went away (a server
-      down), and the stream stops rather than spinning;
+    It gives up on its pool once the shards show that they hold nothing usable, counting from the
+    start of each segment (``start_segment``):
+
+    - before the segment's first usable sample, once every shard of the pool (or 64 of them) has
+      been opened without one;
+    - after it, once the shards have been opened 20 times each in a row without one: the shards
+      went away (a server down), and the stream stops rather than spinning;
     - samples that fail to decode (``decoded_samples``' run), before any has decoded, once every
-      shard (or 64) has been drawn: one shard of error pages saved as JPEGs is not dead data.
+      shard (or 64) has been opened: one shard of error pages saved as JPEGs is not dead data.
 
-    A reader that gives up on its own share draws from all shards for the rest of the segment,
-    with a warning (a few corrupt shards that make up one reader's share must not stop a run);
-    one that gives up on all of them stops the stream with ``DataError``."""
+    A reader that gives up on its own share reads from all shards from then on, with a warning (a
+    few corrupt shards that make up one reader's share must not stop a run); one that gives up on
+    all of them stops the stream with ``DataError``."""
 
     MAX_DISTINCT = 64
-    DRAWS_PER_SHARD = 20
+    OPENINGS_PER_SHARD = 20
 
-    def __init__(self, own_urls, all_urls, rng: random.Random, samples, stats: DataStats):
-        self.pool, self.all_urls, self.rng, self.samples, self.stats = own_urls, all_urls, rng, samples, stats
+    def __init__(self, own_urls, all_urls, seed, reader: int, samples, position=None):
+        self.own_urls, self.all_urls, self.seed, self.reader, self.samples = own_urls, all_urls, seed, reader, samples
+        self.position = dict(position) if position else {"pool": "own", "pass": 0, "shard": 0, "sample": 0}
+        self.stats = DataStats()
+        self.start_segment()
+
+    @property
+    def pool(self) -> list:
+        return self.own_urls if self.position["pool"] == "own" else self.all_urls
+
+    def start_segment(self):
+        self.stats.clear()
         self.usable_seen = False
+        self.opened = set()  # distinct shards opened this segment, in this pool
         self.restart()
 
     def restart(self):
-        self.drawn = set()  # distinct shards drawn from this pool
-        self.tried = set()  # distinct shards drawn since the last usable sample
-        self.unusable_draws = 0  # draws since the last usable sample
+        self.tried = set()  # distinct shards opened since the last usable sample
+        self.unusable_openings = 0
 
     def all_tried(self, shards: set) -> bool:
         return len(shards) >= min(len(self.pool), self.MAX_DISTINCT)
 
+    def shard_order(self) -> list:
+        order = list(self.pool)
+        random.Random(f"{self.seed}-{self.reader}-{self.position['pool']}-{self.position['pass']}").shuffle(order)
+        return order
+
     def __iter__(self):
+        """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on; a shard
+        is read up to ``position``'s sample again only where this iteration starts."""
+        order_of = None, None
         while True:
-            if (self.unusable_draws >= self.DRAWS_PER_SHARD * len(self.pool) if self.usable_seen
+            pool = self.position["pool"]
+            if order_of[0] != (pool, self.position["pass"]):
+                order_of = (pool, self.position["pass"]), self.shard_order()
+            order = order_of[1]
+            if self.position["shard"] >= len(order):
+                self.position.update({"pass": self.position["pass"] + 1, "shard": 0, "sample": 0})
+                continue
+            if (self.unusable_openings >= self.OPENINGS_PER_SHARD * len(self.pool) if self.usable_seen
                     else self.all_tried(self.tried)):
-                self.give_up(f"no {self.samples.usable} in {shards(self.unusable_draws)} in a row")
-            url = self.rng.choice(self.pool)
-            self.drawn.add(url)
+                self.give_up(f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row")
+                continue
+            url = order[self.position["shard"]]
+            self.opened.add(url)
             self.tried.add(url)
-            self.unusable_draws += 1
-            yield url
+            self.unusable_openings += 1
+            for index, sample in enumerate(tar_samples([url], self.stats)):
+                if index >= self.position["sample"]:
+                    self.position["sample"] = index + 1
+                    yield sample
+                    if self.position["pool"] != pool:  # given up on while the samples decoded
+                        break
+            if self.position["pool"] == pool:
+                self.position.update(shard=self.position["shard"] + 1, sample=0)
 
     def found_usable(self):
         self.tried.clear()
-        self.unusable_draws, self.usable_seen = 0, True
+        self.unusable_openings, self.usable_seen = 0, True
 
     def dead_decoding(self, reason: str) -> bool:
         """``on_dead_run`` for ``decoded_samples``."""
-        if not self.all_tried(self.drawn):
+        if not self.all_tried(self.opened):
             return False
         self.give_up(reason)
         return True
 
     def give_up(self, reason: str):
-        if len(self.pool) < len(self.all_urls):
-            logger.warning(f"{reason} from this loader's {len(self.pool)} of {len(self.all_urls)} shards: it draws "
-                           "from all of them this segment, so some samples may be read by more than one loader",
+        if self.position["pool"] == "own" and len(self.own_urls) < len(self.all_urls):
+            logger.warning(f"{reason} from this loader's {len(self.own_urls)} of {len(self.all_urls)} shards: it reads "
+                           "from all of them from now on, so some samples may be read by more than one loader",
                            extra=PER_PROCESS)
-            self.pool = self.all_urls
+            self.position = {"pool": "all", "pass": 0, "shard": 0, "sample": 0}
+            self.opened = set()
             self.restart()
             return
-        raise DataError(f"{reason}, drawing from {shards(len(self.pool))} (skipped so far: "
+        raise DataError(f"{reason}, reading from {shards(len(self.pool))} (skipped so far: "
                         f"{self.stats.summary() or 'nothing'}); check {self.samples.flag}")
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One segment of the training stream: ``batches_per_segment`` batches per process of
-    ``(*samples.collate(batch), DataStats since the previous batch)``, ``samples`` being an
-    ``ImageTextSamples`` or a ``LatentSamples``.
+    """The training stream, one segment per pass: ``batches_per_segment`` batches per process
+    (``first_segment_batches`` in ``first_segment``, the pass a run starts with) of
+    ``(*samples.collate(batch), DataStats since the previous batch, (reader, position))``,
+    ``samples`` being an ``ImageTextSamples`` or a ``LatentSamples`` and ``position`` where that
+    batch's reader (``ShardReader``) reads on.
 
-    Shards are drawn with replacement; set ``segment`` before each pass. Every loader worker
-    of every process draws from its own RNG and, when there are at least as many shards as
-    workers in all, from its own disjoint share of the shards, so no two read the same sample.
-    A share without one usable sample (all its shards corrupt or empty) falls back to all shards,
-    so that a few bad shards do not stop a run that has good ones.
+    Every loader worker of every process is a reader of its own, with its own disjoint share of
+    the shards when there are at least as many shards as readers, so no two read the same sample.
+    A reader reads on over the segments where it left off (the loader's workers persist), and
+    starts from ``positions[reader]`` where given: a checkpoint's, for exact resume. What is
+    random in a segment (the shuffle, crops, flips) comes from ``(seed, segment, process, worker)``.
     """
 
     def __init__(self, urls, samples, *, batch_size, batches_per_segment, shuffle_buffer, seed,
-                 process_index=0, num_processes=1):
+                 process_index=0, num_processes=1, first_segment=0, first_segment_batches=None, positions=None):
         self.urls = list(urls)
         self.samples = samples
         self.batch_size = batch_size
@@ -494,34 +536,46 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.seed = seed
         self.process_index = process_index
         self.num_processes = num_processes
-        self.segment = 0
-
-    def worker_shards(self):
-        """``(worker id, number of batches, shard URLs)`` of the current loader worker. Where the
-        segment's batches do not divide among the workers, the extra ones go to other workers in
-        each segment, so that every worker's share of the shards is read alike over a run (with
-        fewer batches than workers, some workers yield none in a segment)."""
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        base, extra = divmod(self.batches_per_segment, num_workers)
-        readers = self.num_processes * num_workers
-        urls = self.urls[self.process_index * num_workers + worker::readers] if len(self.urls) >= readers else self.urls
-        return worker, base + ((worker - self.segment) % num_workers < extra), urls
+        self.first_segment = first_segment
+        self.first_segment_batches = first_segment_batches or batches_per_segment
+        self.positions = dict(positions or {})
+        # Per copy of the dataset: each loader worker holds its own, iterated once per segment.
+        self.segments_read = 0
+        self.reader = self.raw_samples = None
 
     def __iter__(self):
-        worker, num_batches, urls = self.worker_shards()
-        rng = random.Random(f"{self.seed}-{self.segment}-{self.process_index}-{worker}")
-        stats = DataStats()
-        draws = ShardDraws(urls, self.urls, rng, self.samples, stats)
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        segment = self.first_segment + self.segments_read
+        self.segments_read += 1
+        if self.reader is None:
+            readers = self.num_processes * num_workers
+            reader = self.process_index * num_workers + worker
+            own_urls = self.urls[reader::readers] if len(self.urls) >= readers else self.urls
+            self.reader = ShardReader(own_urls, self.urls, self.seed, reader, self.samples, self.positions.get(reader))
+            self.raw_samples = iter(self.reader)
+        # Where the segment's batches do not divide among the workers, the extra ones go to other
+        # workers in each segment (with fewer batches than workers, some yield none in a segment).
+        base, extra = divmod(self.first_segment_batches if segment == self.first_segment else self.batches_per_segment,
+                             num_workers)
+        num_batches = base + ((worker - segment) % num_workers < extra)
+        reader, stats = self.reader, self.reader.stats
+        reader.start_segment()
+        rng = random.Random(f"{self.seed}-{segment}-{self.process_index}-{worker}")
         # Cheap checks happen before the shuffle buffer (they keep unusable samples out of it);
         # decoding after it.
-        selected = self.samples.select(tar_samples(draws, stats), stats, on_sample=draws.found_usable)
+        selected = self.samples.select(self.raw_samples, stats, on_sample=reader.found_usable)
         decoded = self.samples.decode(shuffled(selected, self.shuffle_buffer, rng, num_batches * self.batch_size),
-                                      rng, stats, on_dead_run=draws.dead_decoding)
+                                      rng, stats, on_dead_run=reader.dead_decoding)
         for _ in range(num_batches):
             batch = [next(decoded) for _ in range(self.batch_size)]
-            yield *self.samples.collate(batch, stats), DataStats(stats)
+            yield *self.samples.collate(batch, stats), DataStats(stats), (reader.reader, dict(reader.position))
             stats.clear()
+
+
+# The settings of the data stream (the training script's ``data_stream``) that fix its readers, their
+# shares of the shards and the order they read them in: with any changed, a resume's readers start afresh.
+READERS_FIXED_BY = {"num_processes", "dataloader_num_workers", "seed", "shards"}
 
 
 def data_stream_changes(saved: dict, current: dict) -> list:
@@ -535,26 +589,20 @@ def data_stream_changes(saved: dict, current: dict) -> list:
 
 
 def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bool):
-    """A loader over one segment of ``dataset`` per pass. Workers are started afresh for each
-    pass so that they see the segment set on the dataset, and the loader's own generator keeps
-    the global torch RNG out of the data."""
+    """A loader over one segment of ``dataset`` per pass. Its workers persist over the passes, so
+    that each reader reads on where it left off, and the loader's own generator keeps the global
+    torch RNG out of the data."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(dataset.seed),
     )
 
 
-def train_batches(loader, first_segment: int, first_segment_batches=None):
-    """The endless stream of training batches, segment after segment from ``first_segment``;
-    ``first_segment_batches``, if given, cuts the first segment short (a resume off this run's
-    checkpoint grid), so that the next checkpoint still ends a segment."""
-    segment, batches_per_segment = first_segment, loader.dataset.batches_per_segment
+def train_batches(loader):
+    """The endless stream of training batches, segment after segment."""
     while True:
-        loader.dataset.segment = segment
-        short = segment == first_segment and first_segment_batches
-        loader.dataset.batches_per_segment = first_segment_batches if short else batches_per_segment
         yield from loader
-        segment += 1

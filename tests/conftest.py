@@ -3,10 +3,12 @@ built locally by the project's own scripts."""
 
 import concurrent.futures
 import glob
+import io
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -15,6 +17,13 @@ sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 RESOLUTION = 64
+
+
+def npy(array) -> bytes:
+    """``array`` as the bytes of a ``.npy`` file, as latent shards store them."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def run_script(*args, env=None, timeout=600):

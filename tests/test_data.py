@@ -20,6 +20,7 @@ from splam.data import (
     DataStats,
     ImageTextSamples,
     ImageTransform,
+    LatentSamples,
     ShardStream,
     captioned_images,
     decoded_images,
@@ -32,7 +33,7 @@ from splam.data import (
     train_shard_urls,
 )
 
-from conftest import RESOLUTION, run_scripts
+from conftest import RESOLUTION, npy, run_scripts
 
 
 def encoded(image: Image.Image, format="PNG") -> bytes:
@@ -235,7 +236,7 @@ def shard_stream(urls, tokenizer, **overrides):
 
 def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
     shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
-    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in \d+ shards in a row, drawing from 2 shards"):
+    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in \d+ shards in a row, reading from 2 shards"):
         next(iter(shard_stream(shards, tokenizer)))
 
 
@@ -245,9 +246,9 @@ def test_a_reader_whose_shards_are_all_bad_draws_from_all_shards(tmp_path, token
     good = write_tar(tmp_path / "good.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"} for j in range(6)])
     corrupt = tmp_path / "corrupt.tar"
     corrupt.write_bytes(b"not a tar" * 300)
-    pixels, _, stats = next(iter(shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2)))
+    pixels, _, stats, _ = next(iter(shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2)))
     assert pixels.shape[0] == 3 and stats["bad_shard"] >= 1
-    assert "draws from all of them" in caplog.text
+    assert "reads from all of them" in caplog.text
 
 
 def test_the_shuffle_reads_only_what_the_segment_uses():
@@ -267,24 +268,46 @@ def test_the_shuffle_reads_only_what_the_segment_uses():
 
 def test_a_stream_of_undecodable_images_stops_with_a_message(tmp_path, tokenizer):
     shard = write_tar(tmp_path / "bad.tar", [{"__key__": f"k{j}", "jpg": b"junk", "txt": "x"} for j in range(MAX_UNDECODABLE_IN_A_ROW)])
-    with pytest.raises(DataError, match=r"1000 images in a row could not be used, none before, drawing from 1 shard "):
+    with pytest.raises(DataError, match=r"1000 images in a row could not be used, none before, reading from 1 shard "):
         next(iter(shard_stream([shard], tokenizer)))
 
 
 def test_each_segment_is_the_same_whether_the_stream_starts_there_or_not(tiny_shards, tokenizer):
-    """The data half of exact resume: segment 2 read after segments 0 and 1 equals segment 2
-    read by a fresh loader, with two workers."""
+    """The data half of exact resume: segments 1 and 2 read after segment 0 equal those read by a
+    fresh loader that starts at segment 1 from where the readers stood after segment 0, with two
+    workers (each segment reads 6 of a shard's 12 samples, so a reader stops mid-shard)."""
     urls = expand_shard_urls(tiny_shards)
     loader = make_train_dataloader(shard_stream(urls, tokenizer), num_workers=2, pin_memory=False)
-    continuous = [batch for _, batch in zip(range(12), train_batches(loader, 0))]
-    fresh_loader = make_train_dataloader(shard_stream(urls, tokenizer), num_workers=2, pin_memory=False)
-    resumed = [batch for _, batch in zip(range(4), train_batches(fresh_loader, 2))]
-    for (pixels, ids, _), (resumed_pixels, resumed_ids, _) in zip(continuous[8:], resumed):
+    continuous = [batch for _, batch in zip(range(12), train_batches(loader))]
+    positions = {reader: position for *_, (reader, position) in continuous[:4]}
+    assert sorted(positions) == [0, 1] and {position["sample"] for position in positions.values()} == {6}
+    fresh_loader = make_train_dataloader(shard_stream(urls, tokenizer, first_segment=1, positions=positions),
+                                         num_workers=2, pin_memory=False)
+    resumed = [batch for _, batch in zip(range(8), train_batches(fresh_loader))]
+    for (pixels, ids, _, _), (resumed_pixels, resumed_ids, _, _) in zip(continuous[4:], resumed, strict=True):
         assert torch.equal(pixels, resumed_pixels) and torch.equal(ids, resumed_ids)
     assert not torch.equal(continuous[0][0], continuous[4][0])
-    for pixels, ids, stats in continuous:
+    for pixels, ids, stats, _ in continuous:
         assert pixels.shape == (3, 3, RESOLUTION, RESOLUTION) and ids.shape == (3, 77)
         assert isinstance(stats, DataStats)
+
+
+def test_a_reader_reads_every_sample_of_its_shards_once_per_pass_whatever_the_segments(tmp_path):
+    """Shards far longer than a segment's share are read on where the last segment stopped, not from
+    their start again: over the segments of one pass a reader trains on each sample of its shards
+    once, and the next pass reads them all again, in another order."""
+    numbered = LatentSamples((1,), (1,))
+    shards = []
+    for shard in range(3):
+        samples = [{"__key__": f"s{shard}k{index}", "moments.npy": npy(np.array([100 * shard + index], np.float32)),
+                    "prompt_embeds.npy": npy(np.zeros(1, np.float32))} for index in range(20)]
+        shards.append(write_tar(tmp_path / f"{shard}.tar", samples))
+    stream = ShardStream(shards, numbered, batch_size=2, batches_per_segment=3, shuffle_buffer=4, seed=0)
+    loader = make_train_dataloader(stream, num_workers=0, pin_memory=False)
+    read = [int(moments) for _, (moments, _, _, _) in zip(range(60), train_batches(loader)) for moments in moments.flatten()]
+    every_sample = sorted(100 * shard + index for shard in range(3) for index in range(20))
+    assert sorted(read[:60]) == every_sample and sorted(read[60:]) == every_sample
+    assert read[:60] != read[60:]
 
 
 def test_processes_read_different_samples(tiny_shards, tokenizer):
@@ -295,21 +318,20 @@ def test_processes_read_different_samples(tiny_shards, tokenizer):
 
 
 def test_unreadable_shards_among_good_ones_do_not_stop_the_stream(tmp_path, tokenizer):
-    """Shards are drawn with replacement: with three of four shards missing, 8 draws in a row miss
-    the good one 10% of the time, which must not end a stream whose good shard keeps giving samples."""
+    """Three of four shards missing, the good one holding one sample: each sample a segment needs
+    takes a pass that opens the three missing ones too, which must not end a stream whose good
+    shard keeps giving samples, whatever order the passes take."""
     good = write_tar(tmp_path / "good.tar", [{"__key__": "k", "jpg": jpeg_bytes("red"), "txt": "red"}])
     urls = [good] + [str(tmp_path / f"missing_{i}.tar") for i in range(3)]
-    bad_draws = 0
-    for seed in range(40):
+    for seed in range(10):
         batches = list(shard_stream(urls, tokenizer, batch_size=2, batches_per_segment=2, shuffle_buffer=1, seed=seed))
         assert len(batches) == 2
-        bad_draws += sum(stats["bad_shard"] for _, _, stats in batches)
-    assert bad_draws >= 40
+        assert sum(stats["bad_shard"] for _, _, stats, _ in batches) >= 9  # 3 per pass, 4 passes but the last's end
 
 
 def test_shards_that_become_unreadable_stop_the_stream_rather_than_leave_it_spinning(tmp_path, tokenizer):
-    """After usable samples, a run of bad draws among good shards is chance; a run far longer than
-    chance gives (20 per shard of the pool) means the shards went away (a server gone, say)."""
+    """After usable samples, a run of unreadable shards far longer than a pass (20 openings per
+    shard of the pool) means the shards went away (a server gone, say)."""
     good = write_tar(tmp_path / "good.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"} for j in range(4)])
     served = tmp_path / "served"
     served_once = f"pipe:sh -c 'test -e {served} && exit 1; touch {served}; cat {good}'"
@@ -319,12 +341,12 @@ def test_shards_that_become_unreadable_stop_the_stream_rather_than_leave_it_spin
         pass
 
     def spinning(*_):
-        raise StillSpinning("the stream is still drawing shards after 60 s")
+        raise StillSpinning("the stream is still opening shards after 60 s")
 
     previous = signal.signal(signal.SIGALRM, spinning)
     signal.alarm(60)
     try:
-        with pytest.raises(DataError, match=r"in 40 shards in a row, drawing from 2 shards"):
+        with pytest.raises(DataError, match=r"in 40 shards in a row, reading from 2 shards"):
             list(stream)
     finally:
         signal.alarm(0)
@@ -432,7 +454,7 @@ def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_strea
         batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=50,
                                     shuffle_buffer=1000, seed=seed))
         assert len(batches) == 50
-    # A reader whose own share is the junk shard draws from all shards instead.
+    # A reader whose own share is the junk shard reads from all shards instead.
     for process_index in range(4):
         batches = list(shard_stream(good + [junk], tokenizer, batch_size=2, batches_per_segment=2,
                                     process_index=process_index, num_processes=4))

@@ -46,7 +46,7 @@ def test_processes_and_workers_read_disjoint_samples(tmp_path, tiny_teacher):
                              batches_per_segment=4, shuffle_buffer=4, seed=3, process_index=process_index, num_processes=2)
         loader = make_train_dataloader(stream, num_workers=2, pin_memory=False)
         captions = []
-        for _, (_, input_ids, _) in zip(range(6), train_batches(loader, 0)):
+        for _, (_, input_ids, _, _) in zip(range(6), train_batches(loader)):
             captions += [caption.replace(" ", "") for caption in tokenizer.batch_decode(input_ids, skip_special_tokens=True)]
         captions_by_process.append(captions)
     first, second = (set(captions) for captions in captions_by_process)
@@ -65,7 +65,7 @@ def test_the_extra_batches_of_a_segment_go_to_every_worker_in_turn(tmp_path, tin
                          batches_per_segment=1, shuffle_buffer=4, seed=3)
     loader = make_train_dataloader(stream, num_workers=2, pin_memory=False)
     shards_read = set()
-    for _, (_, input_ids, _) in zip(range(4), train_batches(loader, 0)):
+    for _, (_, input_ids, _, _) in zip(range(4), train_batches(loader)):
         shards_read |= {int(caption.replace(" ", "")[1:].split("i")[0])
                         for caption in tokenizer.batch_decode(input_ids, skip_special_tokens=True)}
     assert shards_read & {0, 2} and shards_read & {1, 3}
@@ -158,7 +158,7 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     first = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=4", *flags)
     assert "processes = 2, accumulation steps = 2, global batch = 8" in first.stderr
     assert first.stderr.count("EMA target identical on all 2 processes") == 2
-    assert "draws from all of them" in first.stderr
+    assert "reads from all of them" in first.stderr
     assert first.stderr.count("--cast_teacher_unet: the step computes in float32 here") == 1
     checkpoint = os.path.join(output_dir, "checkpoint-4")
     assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_target"} <= set(os.listdir(checkpoint))
@@ -451,9 +451,10 @@ def test_zero_and_one_loader_workers_read_the_same_stream(tiny_teacher, tiny_sha
     streams = []
     for num_workers in (0, 1):
         stream = ShardStream(urls, ImageTextSamples(ImageTransform(RESOLUTION), tokenizer), batch_size=2,
-                             batches_per_segment=2, shuffle_buffer=8, seed=3, process_index=1, num_processes=2)
+                             batches_per_segment=2, shuffle_buffer=8, seed=3, process_index=1, num_processes=2,
+                             first_segment=1)
         loader = make_train_dataloader(stream, num_workers=num_workers, pin_memory=False)
-        streams.append([batch[:2] for _, batch in zip(range(3), train_batches(loader, 1))])
+        streams.append([batch[:2] for _, batch in zip(range(3), train_batches(loader))])
     for (pixels_0, ids_0), (pixels_1, ids_1) in zip(*streams):
         assert torch.equal(pixels_0, pixels_1) and torch.equal(ids_0, ids_1)
     assert data_stream_changes(SAVED, {**SAVED, "dataloader_num_workers": 1}) == []

@@ -13,7 +13,7 @@ from PIL import Image
 
 from splam.data import LatentSamples, ShardStream
 
-from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, run_script, run_scripts, training_command
+from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, npy, run_script, run_scripts, training_command
 
 LATENTS = "--train_latents_path_or_url"
 
@@ -129,12 +129,6 @@ def test_crop_and_flip_flags_are_refused_with_latents(flag, capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def npy(array) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
 def test_latent_samples_without_arrays_or_with_junk_are_skipped_and_counted(tmp_path):
     moments, embeds = np.ones((2, 2, 2), np.float16), np.ones((3, 4), np.float16)
     samples = [
@@ -149,7 +143,7 @@ def test_latent_samples_without_arrays_or_with_junk_are_skipped_and_counted(tmp_
             writer.write(sample)
     stream = ShardStream([path], LatentSamples((2, 2, 2), (3, 4)), batch_size=2, batches_per_segment=1,
                          shuffle_buffer=1, seed=0)
-    ((batch_moments, batch_embeds, stats),) = list(stream)
+    ((batch_moments, batch_embeds, stats, _),) = list(stream)
     assert batch_moments.dtype == batch_embeds.dtype == torch.float32
     assert sorted(batch_moments.sum(dim=(1, 2, 3)).tolist()) == [8.0, 16.0]
     assert stats["no_latents"] == 1 and stats["undecodable_latents"] == 1

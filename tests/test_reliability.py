@@ -209,16 +209,16 @@ def test_validation_that_fails_in_a_run_resumed_from_another_folder_says_to_resu
 
 
 def test_a_ctrl_c_that_python_ignores_in_a_fork_hook_still_stops_the_run(tiny_teacher, tiny_shards, tmp_path):
-    """Python ignores an exception raised in an at-fork hook (logging registers one), and a segment
-    starts its loader worker with a fork: a Ctrl-C landing there must still stop the run. The
-    interrupt is put there on purpose: the parent's first fork after checkpoint-1 signals itself."""
+    """Python ignores an exception raised in an at-fork hook (logging registers one), and the loader
+    starts its worker with a fork: a Ctrl-C landing there must still stop the run. The interrupt
+    is put there on purpose: the parent's first fork (the loader's) signals itself."""
     output_dir = str(tmp_path / "run")
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(
         "import os, signal\n"
         "def interrupt_once():\n"
-        f"    if os.path.isdir({os.path.join(output_dir, 'checkpoint-1')!r}) and not os.environ.get('INTERRUPTED'):\n"
+        "    if not os.environ.get('INTERRUPTED'):\n"
         "        os.environ['INTERRUPTED'] = '1'\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
         "os.register_at_fork(after_in_parent=interrupt_once)\n"
@@ -379,6 +379,22 @@ def test_the_teachers_folder_as_output_dir_is_refused_before_it_is_overwritten(t
     assert "is the teacher's folder" in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
     assert (teacher / "unet" / "config.json").read_text() == unet_config
     assert not (teacher / "unet_online").exists()
+
+
+def test_a_checkpoint_from_before_the_readers_positions_resumes_with_the_readers_afresh(tiny_teacher, tiny_shards, tmp_path):
+    """Format 3 checkpoints did not say where each data reader stands: they still resume, the
+    readers starting over, and the log says the resume is not exact."""
+    output_dir = str(tmp_path / "run")
+    flags = ["--checkpointing_steps=1", "--resume_from_checkpoint=latest"]
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1", *flags)
+    state_path = os.path.join(output_dir, "checkpoint-1", "training_state.json")
+    state = json.load(open(state_path))
+    assert state["format"] == 4 and sorted(state["reading_positions"]) == ["0"]
+    del state["reading_positions"]
+    json.dump({**state, "format": 3}, open(state_path, "w"))
+    resumed = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", *flags)
+    assert "predates checkpoints that say where each data reader stands" in resumed.stderr
+    assert sorted(logged_scalars(output_dir, "loss")[-1]) == [2]
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -609,7 +625,7 @@ def test_a_stream_with_nothing_usable_stops_with_one_line(tiny_teacher, tmp_path
     result = run_script(*training_command(tiny_teacher, str(shard), str(tmp_path / "run"), "--max_train_steps=2"), timeout=300)
     assert result.returncode != 0
     assert ("error: no captioned image (.jpg, .jpeg, .png, .webp with .txt, .text, .caption) in 1 shard in a row, "
-            "drawing from 1 shard (skipped so far: no_image 5)") in result.stderr
+            "reading from 1 shard (skipped so far: no_image 5)") in result.stderr
 
 
 def hidden_packages_env(tmp_path, *packages):
