@@ -298,7 +298,10 @@ def main(args):
         if "reading_positions" not in resume_state:
             logger.warning(f"{resume_path} predates checkpoints that say where each data reader stands: the readers "
                            "start their passes over the shards afresh, so this resume is not exact")
-        elif not set(changed) & READERS_FIXED_BY:  # the same readers: each reads on where it stopped
+        elif set(changed) & READERS_FIXED_BY:
+            logger.warning("The data readers start their passes over the shards afresh (their number, the seed or the "
+                           "shards changed): samples read before the resume may come again before the others")
+        else:  # the same readers: each reads on where it stopped
             positions = {int(reader): position for reader, position in resume_state["reading_positions"].items()}
 
     # The stream is cut into segments of one checkpoint interval, so a resume starts a segment. A

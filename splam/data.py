@@ -275,25 +275,31 @@ def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: 
                            on_dead_run)
 
 
-def tar_samples(urls, stats: DataStats):
-    """Raw samples (dicts of bytes by extension) of the shards in ``urls``, in order. A shard
-    that cannot be opened or read to the end is counted as ``bad_shard``; reading goes on
-    with the next one."""
+class ShardErrors:
+    """webdataset's handler of shard read errors: each is counted as ``bad_shard`` (and in
+    ``count``), and each shard's URL named in the log once, a token in it masked."""
 
-    reported = set()
+    def __init__(self, stats: DataStats):
+        self.stats, self.count, self.reported = stats, 0, set()
 
-    def count_bad_shard(error):
-        stats["bad_shard"] += 1
-        # webdataset appends the shard's URL to the error's arguments; each is named once per stream.
+    def __call__(self, error) -> bool:
+        self.stats["bad_shard"] += 1
+        self.count += 1
+        # webdataset appends the shard's URL to the error's arguments.
         url = error.args[-1] if error.args and isinstance(error.args[-1], str) else None
-        if url is None or url not in reported:
-            reported.add(url)
+        if url is None or url not in self.reported:
+            self.reported.add(url)
             # The URL may be a gated dataset's curl command with its token.
-            logger.warning("skipped an unreadable shard (or its rest), counted as bad_shard: "
+            logger.warning("could not read a shard (or its rest), counted as bad_shard: "
                            + redact_tokens(f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
         return True
 
-    return wds.tarfile_samples(({"url": url} for url in urls), handler=count_bad_shard)
+
+def tar_samples(urls, stats: DataStats, errors: ShardErrors = None):
+    """Raw samples (dicts of bytes by extension) of the shards in ``urls``, in order. A shard
+    that cannot be opened or read to the end is counted as ``bad_shard`` (by ``errors``, or a
+    handler of this call's own); reading goes on with the next one."""
+    return wds.tarfile_samples(({"url": url} for url in urls), handler=errors or ShardErrors(stats))
 
 
 def shuffled(samples, buffer_size: int, rng: random.Random, count: int):
@@ -424,9 +430,10 @@ class ShardReader:
     - samples that fail to decode (``decoded_samples``' run), before any has decoded, once every
       shard (or 64) has been opened: one shard of error pages saved as JPEGs is not dead data.
 
-    A reader that gives up on its own share reads from all shards from then on, with a warning (a
-    few corrupt shards that make up one reader's share must not stop a run); one that gives up on
-    all of them stops the stream with ``DataError``."""
+    A reader that gives up on its own share reads from all shards for the rest of the segment,
+    with a warning (a few corrupt shards that make up one reader's share must not stop a run), and
+    then goes on with its share's next pass; one that gives up on all shards stops the stream with
+    ``DataError``."""
 
     MAX_DISTINCT = 64
     OPENINGS_PER_SHARD = 20
@@ -435,6 +442,7 @@ class ShardReader:
         self.own_urls, self.all_urls, self.seed, self.reader, self.samples = own_urls, all_urls, seed, reader, samples
         self.position = dict(position) if position else {"pool": "own", "pass": 0, "shard": 0, "sample": 0}
         self.stats = DataStats()
+        self.errors = ShardErrors(self.stats)
         self.start_segment()
 
     @property
@@ -442,6 +450,10 @@ class ShardReader:
         return self.own_urls if self.position["pool"] == "own" else self.all_urls
 
     def start_segment(self):
+        """Count afresh for giving up, and go back to the own share after a segment spent on all
+        shards: what failed there may have been passing (a server restarting)."""
+        if self.position["pool"] == "all" and len(self.own_urls) < len(self.all_urls):
+            self.position = {"pool": "own", "pass": self.position["own_pass"] + 1, "shard": 0, "sample": 0}
         self.stats.clear()
         self.usable_seen = False
         self.opened = set()  # distinct shards opened this segment, in this pool
@@ -476,15 +488,22 @@ class ShardReader:
                 self.give_up(f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row")
                 continue
             url = order[self.position["shard"]]
-            self.opened.add(url)
-            self.tried.add(url)
-            self.unusable_openings += 1
-            for index, sample in enumerate(tar_samples([url], self.stats)):
-                if index >= self.position["sample"]:
-                    self.position["sample"] = index + 1
-                    yield sample
-                    if self.position["pool"] != pool:  # given up on while the samples decoded
-                        break
+            if self.position["sample"] == 0:  # not a shard opened again mid-way (a resume), as the uninterrupted run did not
+                self.opened.add(url)
+                self.tried.add(url)
+                self.unusable_openings += 1
+            while True:
+                errors, reading_from = self.errors.count, self.position["sample"]
+                for index, sample in enumerate(tar_samples([url], self.stats, self.errors)):
+                    if index >= self.position["sample"]:
+                        self.position["sample"] = index + 1
+                        yield sample
+                        if self.position["pool"] != pool:  # given up on while the samples decoded
+                            break
+                # A shard held open for long (over checkpoints and validations) may fail mid-way, a
+                # connection dropped: it is opened again to read on, until it fails giving nothing new.
+                if self.position["pool"] != pool or self.errors.count == errors or self.position["sample"] == reading_from:
+                    break
             if self.position["pool"] == pool:
                 self.position.update(shard=self.position["shard"] + 1, sample=0)
 
@@ -502,9 +521,9 @@ class ShardReader:
     def give_up(self, reason: str):
         if self.position["pool"] == "own" and len(self.own_urls) < len(self.all_urls):
             logger.warning(f"{reason} from this loader's {len(self.own_urls)} of {len(self.all_urls)} shards: it reads "
-                           "from all of them from now on, so some samples may be read by more than one loader",
+                           "from all of them for the rest of this segment, so some samples may be read by more than one loader",
                            extra=PER_PROCESS)
-            self.position = {"pool": "all", "pass": 0, "shard": 0, "sample": 0}
+            self.position = {"pool": "all", "pass": 0, "shard": 0, "sample": 0, "own_pass": self.position["pass"]}
             self.opened = set()
             self.restart()
             return
@@ -581,11 +600,18 @@ READERS_FIXED_BY = {"num_processes", "dataloader_num_workers", "seed", "shards"}
 def data_stream_changes(saved: dict, current: dict) -> list:
     """The names of the settings that fix the data stream (the training script's ``data_stream``) whose
     values differ between a checkpoint's and this run's. No loader worker (the process reads) and one
-    worker read the same stream: both are reader 0 of 1 in ``ShardStream.worker_shards``."""
+    worker read the same stream: either way the process has one reader (``ShardStream``)."""
     def reader_count(name, value):
         return max(1, value) if name == "dataloader_num_workers" else value
 
     return [name for name, value in current.items() if reader_count(name, saved[name]) != reader_count(name, value)]
+
+
+def as_made(batch):
+    """The loader's collate function: each batch as the stream made it. The default one
+    (``default_convert``) copies a mapping and ``update()``s the copy, which for the batch's
+    ``DataStats``, a Counter, adds every count twice."""
+    return batch
 
 
 def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bool):
@@ -595,6 +621,7 @@ def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bo
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
+        collate_fn=as_made,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -195,13 +195,23 @@ def test_dirty_samples_are_skipped_or_repaired_and_counted(tmp_path, monkeypatch
     assert stats.skipped() == 4 and stats.repaired() == 2
 
 
-def test_a_pinning_loader_passes_the_counts_through_unchanged():
-    """On CUDA the loader pins each batch; pinning must not copy-and-update the stats, which for
-    a Counter would add every count twice."""
+class OneCountedBatch(torch.utils.data.IterableDataset):
+    seed = 0
+
+    def __iter__(self):
+        yield torch.zeros(1), DataStats(undecodable_image=2, image_upscaled=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_loader_passes_the_counts_through_unchanged(num_workers):
+    """torch's loader converts each batch (``default_convert``) and on CUDA pins it; neither may
+    copy-and-update the stats, which for a Counter would add every count twice."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
     stats = DataStats(undecodable_image=2, image_upscaled=1)
-    assert pin_memory(stats) == DataStats(undecodable_image=2, image_upscaled=1)
+    assert pin_memory(stats) == stats
+    (_, loaded), = make_train_dataloader(OneCountedBatch(), num_workers=num_workers, pin_memory=False)
+    assert loaded == stats
 
 
 def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_path):
@@ -240,15 +250,42 @@ def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
         next(iter(shard_stream(shards, tokenizer)))
 
 
-def test_a_reader_whose_shards_are_all_bad_draws_from_all_shards(tmp_path, tokenizer, caplog):
+def test_a_reader_whose_shards_are_all_bad_reads_from_all_shards(tmp_path, tokenizer, caplog):
     """Process 1 of 2 owns only the corrupt shard: it falls back to all shards and counts the
     corrupt one, rather than stopping a run that has good data."""
     good = write_tar(tmp_path / "good.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"} for j in range(6)])
     corrupt = tmp_path / "corrupt.tar"
     corrupt.write_bytes(b"not a tar" * 300)
-    pixels, _, stats, _ = next(iter(shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2)))
+    stream = shard_stream([good, str(corrupt)], tokenizer, process_index=1, num_processes=2, batches_per_segment=1)
+    batches = train_batches(make_train_dataloader(stream, num_workers=0, pin_memory=False))
+    pixels, _, stats, (_, position) = next(batches)
     assert pixels.shape[0] == 3 and stats["bad_shard"] >= 1
     assert "reads from all of them" in caplog.text
+    assert position["pool"] == "all"
+    # The next segment tries its own share again (its next pass), then falls back again.
+    _, _, stats, (_, next_position) = next(batches)
+    assert stats["bad_shard"] >= 1 and next_position["pool"] == "all" and next_position["own_pass"] > position["own_pass"]
+    assert caplog.text.count("reads from all of them") == 2
+
+
+def test_a_shard_that_fails_mid_way_is_opened_again_and_read_on(tmp_path):
+    """A shard held open for long may lose its connection: it is opened again and read on from
+    where it failed, each sample read once; one that fails again without a new sample is left
+    (a truncated tar), and a shard that cannot be read is named in the log once per reader."""
+    samples = [{"__key__": f"k{index}", "moments.npy": npy(np.array([index], np.float32)),
+                "prompt_embeds.npy": npy(np.zeros(1, np.float32))} for index in range(30)]
+    whole = write_tar(tmp_path / "whole.tar", samples)
+    failed = tmp_path / "failed_once"
+    dropped_once = f"pipe:sh -c 'if test -e {failed}; then cat {whole}; else touch {failed}; head -c 5000 {whole}; fi'"
+    missing = str(tmp_path / "missing.tar")
+    stream = ShardStream([dropped_once, missing], LatentSamples((1,), (1,)), batch_size=2, batches_per_segment=5,
+                         shuffle_buffer=1, seed=0)
+    batches = [batch for _, batch in zip(range(30), train_batches(make_train_dataloader(stream, 0, pin_memory=False)))]
+    read = [int(moments) for moments, _, _, _ in batches for moments in moments.flatten()]
+    assert sorted(read[:30]) == list(range(30)) and sorted(read[30:]) == list(range(30))
+    bad_shards = sum(stats["bad_shard"] for _, _, stats, _ in batches)
+    assert bad_shards == 1 + 2  # the dropped connection, then the missing shard in each pass
+    assert stream.reader.errors.reported == {dropped_once, missing}
 
 
 def test_the_shuffle_reads_only_what_the_segment_uses():
@@ -444,7 +481,7 @@ def test_an_unparsable_exif_block_leaves_the_image_as_stored(tmp_path, monkeypat
 
 def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_stream(tmp_path, tokenizer):
     """A shard whose images all fail to decode (a crawl that saved error pages) gives more than
-    MAX_UNDECODABLE_IN_A_ROW failures in a row whenever it is drawn: that is one bad shard, not
+    MAX_UNDECODABLE_IN_A_ROW failures in a row whenever it is opened: that is one bad shard, not
     unusable data."""
     good = [write_tar(tmp_path / f"good{i}.tar", [{"__key__": f"k{j}", "jpg": jpeg_bytes("red"), "txt": "red"}
                                                   for j in range(12)]) for i in range(3)]
