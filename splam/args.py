@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Samples in one epoch of the stream (defaults to max_train_steps x global batch).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
-    data.add_argument("--shuffle_buffer_size", type=int, default=1000, help="Samples held in the shuffle buffer per worker.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="Samples held in the shuffle buffer per worker (1: no shuffling).")
     data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                       help="Fraction of captions replaced by the empty prompt.")
 
@@ -230,7 +231,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.max_train_steps is None and args.max_train_samples is None:
         parser.error("give --max_train_steps or --max_train_samples: a streamed dataset has no length of its own")
     for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "max_nonfinite_steps", "vae_encode_batch_size", "lr_num_cycles"):
+                 "max_nonfinite_steps", "vae_encode_batch_size", "lr_num_cycles", "shuffle_buffer_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 

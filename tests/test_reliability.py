@@ -669,6 +669,7 @@ PARSER_CASES = {
     "channels last with 8-bit adam": (["--channels_last", "--use_8bit_adam"], "--channels_last does not go with --use_8bit_adam"),
     "negative seed": (["--seed=-1"], "--seed must lie in [0, 4294901760), got -1"),
     "no lr cycles": (["--lr_scheduler=cosine_with_restarts", "--lr_num_cycles=0"], "--lr_num_cycles must be at least 1"),
+    "negative shuffle buffer": (["--shuffle_buffer_size=-5"], "--shuffle_buffer_size must be at least 1"),
 }
 
 # Refused by the script's set-up (the teacher's files, the environment, the folders): each launched.
