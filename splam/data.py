@@ -472,8 +472,9 @@ class ShardReader:
         return order
 
     def __iter__(self):
-        """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on; a shard
-        is read up to ``position``'s sample again only where this iteration starts."""
+        """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on. A shard
+        is read again up to ``position``'s sample only where this iteration starts (a resume) or
+        where the shard failed mid-way."""
         order_of = None, None
         while True:
             pool = self.position["pool"]
