@@ -276,19 +276,27 @@ def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: 
 
 
 class ShardErrors:
-    """webdataset's handler of shard read errors: each is counted as ``bad_shard`` (and in
-    ``count``), and each shard's URL named in the log once, a token in it masked."""
+    """webdataset's handler of shard read errors: each is counted as ``bad_shard`` and each shard
+    named in the log once (``url``, the shard being read where the caller reads one at a time,
+    or else the URL webdataset appends to the error), a token in it masked. ``stream_failures``
+    counts the errors that ended the stream of ``url`` (it could not be opened or read on), not
+    those within it (a file name twice in a sample). No error is counted while ``counting`` is
+    off: a shard's samples read before, read again to reach a position."""
 
     def __init__(self, stats: DataStats):
-        self.stats, self.count, self.reported = stats, 0, set()
+        self.stats, self.reported = stats, set()
+        self.url, self.counting, self.stream_failures = None, True, 0
 
     def __call__(self, error) -> bool:
-        self.stats["bad_shard"] += 1
-        self.count += 1
-        # webdataset appends the shard's URL to the error's arguments.
-        url = error.args[-1] if error.args and isinstance(error.args[-1], str) else None
-        if url is None or url not in self.reported:
-            self.reported.add(url)
+        # webdataset appends the shard's URL to the errors of opening and reading it.
+        source = error.args[-1] if error.args and isinstance(error.args[-1], str) else None
+        if source is not None and source == self.url:
+            self.stream_failures += 1
+        if self.counting:
+            self.stats["bad_shard"] += 1
+        shard = self.url or source
+        if shard is None or shard not in self.reported:
+            self.reported.add(shard)
             # The URL may be a gated dataset's curl command with its token.
             logger.warning("could not read a shard (or its rest), counted as bad_shard: "
                            + redact_tokens(f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
@@ -437,6 +445,7 @@ class ShardReader:
 
     MAX_DISTINCT = 64
     OPENINGS_PER_SHARD = 20
+    MAX_OPENINGS_OF_A_SHARD = 10  # in one reading of it: one and the reopenings after failures mid-way
 
     def __init__(self, own_urls, all_urls, seed, reader: int, samples, position=None):
         self.own_urls, self.all_urls, self.seed, self.reader, self.samples = own_urls, all_urls, seed, reader, samples
@@ -474,7 +483,7 @@ class ShardReader:
     def __iter__(self):
         """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on. A shard
         is read again up to ``position``'s sample only where this iteration starts (a resume) or
-        where the shard failed mid-way."""
+        where its stream failed mid-way (opened again, up to 10 times in all)."""
         order_of = None, None
         while True:
             pool = self.position["pool"]
@@ -493,18 +502,25 @@ class ShardReader:
                 self.opened.add(url)
                 self.tried.add(url)
                 self.unusable_openings += 1
-            while True:
-                errors, reading_from = self.errors.count, self.position["sample"]
+            self.errors.url = url
+            for _ in range(self.MAX_OPENINGS_OF_A_SHARD):
+                failures, reading_from = self.errors.stream_failures, self.position["sample"]
+                # Errors before the first new sample were counted when it was read before (and a
+                # reopened shard failing there again gives nothing new).
+                self.errors.counting = reading_from == 0
                 for index, sample in enumerate(tar_samples([url], self.stats, self.errors)):
-                    if index >= self.position["sample"]:
+                    if index >= reading_from:
+                        self.errors.counting = True
                         self.position["sample"] = index + 1
                         yield sample
                         if self.position["pool"] != pool:  # given up on while the samples decoded
                             break
                 # A shard held open for long (over checkpoints and validations) may fail mid-way, a
                 # connection dropped: it is opened again to read on, until it fails giving nothing new.
-                if self.position["pool"] != pool or self.errors.count == errors or self.position["sample"] == reading_from:
+                if (self.position["pool"] != pool or self.errors.stream_failures == failures
+                        or self.position["sample"] == reading_from):
                     break
+            self.errors.counting = True
             if self.position["pool"] == pool:
                 self.position.update(shard=self.position["shard"] + 1, sample=0)
 

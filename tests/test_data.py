@@ -5,6 +5,7 @@ import argparse
 import io
 import random
 import signal
+import tarfile
 
 import numpy as np
 import pytest
@@ -286,6 +287,38 @@ def test_a_shard_that_fails_mid_way_is_opened_again_and_read_on(tmp_path):
     bad_shards = sum(stats["bad_shard"] for _, _, stats, _ in batches)
     assert bad_shards == 1 + 2  # the dropped connection, then the missing shard in each pass
     assert stream.reader.errors.reported == {dropped_once, missing}
+
+
+def test_a_cut_shard_and_one_with_an_error_inside_are_each_read_once_per_pass(tmp_path):
+    """Only a shard whose stream fails mid-way is opened again: one cut short fails again where it
+    did, giving nothing new, and is counted once; one holding a sample's two files twice is read
+    to its end despite the errors (webdataset keeps the sample), and not opened again."""
+    def sample(index, **extra):
+        return {"__key__": f"k{index}", "moments.npy": npy(np.array([index], np.float32)),
+                "prompt_embeds.npy": npy(np.zeros(1, np.float32)), **extra}
+
+    whole = open(write_tar(tmp_path / "whole.tar", [sample(index) for index in range(10)]), "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[:len(whole) // 2])
+    duplicated = tmp_path / "duplicated.tar"
+    with tarfile.open(duplicated, "w") as tar:
+        for index in range(10, 14):
+            for name, data in (("moments.npy", npy(np.array([index], np.float32))),
+                               ("prompt_embeds.npy", npy(np.zeros(1, np.float32)))) * (1 + (index == 11)):
+                info = tarfile.TarInfo(f"k{index}.{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pass_length = sum(len(list(tar_samples([str(shard)], DataStats()))) for shard in (cut, duplicated))
+    openings = tmp_path / "openings"
+    served = f"pipe:sh -c 'echo >> {openings}; cat {duplicated}'"
+    stream = ShardStream([str(cut), served], LatentSamples((1,), (1,)), batch_size=1, batches_per_segment=3,
+                         shuffle_buffer=1, seed=0)
+    batches = [batch for _, batch in zip(range(2 * pass_length), train_batches(make_train_dataloader(stream, 0, False)))]
+    read = [int(moments) for moments, _, _, _ in batches]
+    assert sorted(read[:pass_length]) == sorted(read[pass_length:]) and len(set(read[:pass_length])) == pass_length
+    # Per pass: the cut shard's failure once, the two files written twice once each.
+    assert sum(stats["bad_shard"] for _, _, stats, _ in batches) == 2 * (1 + 2)
+    assert len(openings.read_text().splitlines()) == 2  # once per pass
 
 
 def test_the_shuffle_reads_only_what_the_segment_uses():
