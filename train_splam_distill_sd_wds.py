@@ -46,8 +46,8 @@ from splam.checkpoints import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from splam.data import (READERS_FIXED_BY, DataError, DataStats, ShardStream, data_stream_changes, is_per_process,
-                        make_train_dataloader, train_batches, train_shard_urls, training_samples)
+from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
+                        resumed_reading_positions, train_batches, train_shard_urls, training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -295,14 +295,7 @@ def main(args):
         if changed:
             logger.warning(f"{', '.join(changed)} changed since the checkpoint: the data stream goes on differently "
                            "from an uninterrupted run's, so this resume is not exact")
-        if "reading_positions" not in resume_state:
-            logger.warning(f"{resume_path} predates checkpoints that say where each data reader stands: the readers "
-                           "start their passes over the shards afresh, so this resume is not exact")
-        elif set(changed) & READERS_FIXED_BY:
-            logger.warning("The data readers start their passes over the shards afresh (their number, the seed or the "
-                           "shards changed): samples read before the resume may come again before the others")
-        else:  # the same readers: each reads on where it stopped
-            positions = {int(reader): position for reader, position in resume_state["reading_positions"].items()}
+        positions = resumed_reading_positions(resume_state, changed, resume_path)
 
     # The stream is cut into segments of one checkpoint interval, so a resume starts a segment. A
     # checkpoint must end a segment, or a resume from it would skip the rest of that segment's

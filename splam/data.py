@@ -484,12 +484,8 @@ class ShardReader:
         """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on. A shard
         is read again up to ``position``'s sample only where this iteration starts (a resume) or
         where its stream failed mid-way (opened again, up to 10 times in all)."""
-        order_of = None, None
         while True:
-            pool = self.position["pool"]
-            if order_of[0] != (pool, self.position["pass"]):
-                order_of = (pool, self.position["pass"]), self.shard_order()
-            order = order_of[1]
+            pool, order = self.position["pool"], self.shard_order()
             if self.position["shard"] >= len(order):
                 self.position.update({"pass": self.position["pass"] + 1, "shard": 0, "sample": 0})
                 continue
@@ -586,9 +582,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.segments_read += 1
         if self.reader is None:
             readers = self.num_processes * num_workers
-            reader = self.process_index * num_workers + worker
-            own_urls = self.urls[reader::readers] if len(self.urls) >= readers else self.urls
-            self.reader = ShardReader(own_urls, self.urls, self.seed, reader, self.samples, self.positions.get(reader))
+            reader_index = self.process_index * num_workers + worker
+            own_urls = self.urls[reader_index::readers] if len(self.urls) >= readers else self.urls
+            self.reader = ShardReader(own_urls, self.urls, self.seed, reader_index, self.samples,
+                                      self.positions.get(reader_index))
             self.raw_samples = iter(self.reader)
         # Where the segment's batches do not divide among the workers, the extra ones go to other
         # workers in each segment (with fewer batches than workers, some yield none in a segment).
@@ -629,6 +626,21 @@ def as_made(batch):
     (``default_convert``) copies a mapping and ``update()``s the copy, which for the batch's
     ``DataStats``, a Counter, adds every count twice."""
     return batch
+
+
+def resumed_reading_positions(resume_state: dict, changed: list, resume_path: str) -> dict:
+    """``{reader: position}`` from a checkpoint's training state, where each reader reads on after
+    the resume; empty, with a warning, where they do not apply: a checkpoint from before they were
+    stored (format 3), or ``changed`` settings (``data_stream_changes``) among ``READERS_FIXED_BY``."""
+    if "reading_positions" not in resume_state:
+        logger.warning(f"{resume_path} predates checkpoints that say where each data reader stands: the readers "
+                       "start their passes over the shards afresh, so this resume is not exact")
+        return {}
+    if set(changed) & READERS_FIXED_BY:
+        logger.warning("The data readers start their passes over the shards afresh (their number, the seed or the "
+                       "shards changed): samples read before the resume may come again before the others")
+        return {}
+    return {int(reader): position for reader, position in resume_state["reading_positions"].items()}
 
 
 def make_train_dataloader(dataset: ShardStream, num_workers: int, pin_memory: bool):
