@@ -384,8 +384,8 @@ def main(args):
                 # summed over processes, in one host sync: NaN or inf anywhere makes loss and norm so
                 # everywhere, so every process takes the same decisions below (under FSDP2 they
                 # include collectives).
-                loss_value, grad_norm_value, (skipped, repaired) = read_step_values(
-                    accelerator, update_loss, grad_norm, (data_stats.skipped(), data_stats.repaired())
+                loss_value, grad_norm_value, (skipped, repaired, bad_shards) = read_step_values(
+                    accelerator, update_loss, grad_norm, (data_stats.skipped(), data_stats.repaired(), data_stats.bad_shards())
                 )
                 update_loss = 0.0
                 update_taken = take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value)
@@ -403,7 +403,8 @@ def main(args):
         nonfinite_in_a_row = 0 if step_is_finite else nonfinite_in_a_row + 1
         if nonfinite_in_a_row:
             logger.warning(f"Step {global_step}: non-finite loss or gradient, update skipped ({nonfinite_in_a_row} in a row)")
-        logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "data/skipped": skipped, "data/repaired": repaired}
+        logs = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "data/skipped": skipped, "data/repaired": repaired,
+                "data/bad_shards": bad_shards}
         if grad_norm_value is not None:
             logs["grad_norm"] = grad_norm_value
         if accelerator.device.type == "cuda":

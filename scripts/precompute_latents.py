@@ -42,6 +42,8 @@ import webdataset as wds
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import SetupError, redact_tokens  # noqa: E402
 from splam.data import (  # noqa: E402
+    BAD_LAYOUT,
+    BAD_SHARD,
     MOMENTS_KEY,
     PROMPT_EMBEDS_KEY,
     DataStats,
@@ -49,10 +51,11 @@ from splam.data import (  # noqa: E402
     ImageTransform,
     captioned_images,
     decoded_images,
-    expand_shard_urls,
+    checked_shard_urls,
     tar_samples,
     tokenize,
 )
+from splam.latent_shards import SETTINGS, changed_settings, read_record, record_path, same_setting  # noqa: E402
 from splam.models import load_text_encoder_and_vae  # noqa: E402
 from splam.output_dir import prepare_output_dir  # noqa: E402
 from splam.training import encode_prompts, posterior_moments  # noqa: E402
@@ -121,23 +124,10 @@ def write_latent_shard(path, samples, tokenizer, text_encoder, vae, args, stats:
     return count
 
 
-# The flags that shape the stored arrays.
-SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution",
-            "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
-
-
 def shard_record(args, url: str) -> dict:
     """What made an output shard: its input shard (a token in a gated dataset's curl command
     masked) and the settings."""
     return {"input": redact_tokens(url), **{name: getattr(args, name) for name in SETTINGS}}
-
-
-def same_setting(recorded, value) -> bool:
-    """Equal, or two spellings of one local file or folder (relative and absolute, a trailing slash)."""
-    if recorded == value:
-        return True
-    return (isinstance(recorded, str) and isinstance(value, str) and os.path.exists(recorded) and os.path.exists(value)
-            and os.path.samefile(recorded, value))
 
 
 def check_earlier_outputs(args, urls) -> None:
@@ -148,11 +138,10 @@ def check_earlier_outputs(args, urls) -> None:
         if same_setting(path, url):
             sys.exit(f"error: {path} is the input shard {url} itself, which would be skipped as encoded: give "
                      "another --output_dir")
-        if not os.path.exists(path) or not os.path.exists(path + ".json"):
+        recorded = read_record(path) if os.path.exists(path) else None
+        if recorded is None:
             continue
-        with open(path + ".json", encoding="utf-8") as handle:
-            recorded = json.load(handle)
-        changed = [key for key, value in shard_record(args, url).items() if not same_setting(recorded.get(key), value)]
+        changed = changed_settings(recorded, shard_record(args, url))
         if changed:
             sys.exit(f"error: {path} was made with another {', '.join(changed)} "
                      f"({', '.join(str(recorded.get(key)) for key in changed)}): use another --output_dir")
@@ -174,8 +163,8 @@ def partial_path(path: str) -> str:
 
 
 def main(args):
-    urls = expand_shard_urls(args.train_shards_path_or_url)
     try:
+        urls = checked_shard_urls(args.train_shards_path_or_url, "--train_shards_path_or_url")
         prepare_output_dir(args.output_dir)
         check_earlier_outputs(args, urls)
         dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -187,7 +176,8 @@ def main(args):
     text_encoder.to(device)
     vae.to(device)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
-    stats, written, failed, unusable, started = DataStats(), 0, [], [], time.perf_counter()
+    stats, written, started = DataStats(), 0, time.perf_counter()
+    failed, misgrouped, unusable = [], [], []
     mine = range(args.job_index, len(urls), args.num_jobs)
     for done, index in enumerate(mine, start=1):
         path = os.path.join(args.output_dir, f"{index:05d}.tar")
@@ -200,16 +190,16 @@ def main(args):
         partial = partial_path(path)
         count = write_latent_shard(partial, samples, tokenizer, text_encoder, vae, args, shard_stats)
         stats.update(shard_stats)
-        if shard_stats["bad_shard"] or not count:
-            # Unread or cut short (network, disk), or nothing in it usable (shards of another layout): not
-            # marked done, so that a rerun tries it again.
+        if shard_stats.bad_shards() or not count:
+            # Unread or cut short (network, disk), files webdataset cannot group, or nothing in it usable
+            # (shards of another layout): not marked done, so that a rerun tries it again.
             os.remove(partial)
-            (failed if shard_stats["bad_shard"] else unusable).append(urls[index])
+            (failed if shard_stats[BAD_SHARD] else misgrouped if shard_stats[BAD_LAYOUT] else unusable).append(urls[index])
             continue
         # The record first: a shard on disk always has one.
-        with open(partial + ".json", "w", encoding="utf-8") as handle:
+        with open(record_path(partial), "w", encoding="utf-8") as handle:
             json.dump(shard_record(args, urls[index]), handle, indent=2)
-        os.replace(partial + ".json", path + ".json")
+        os.replace(record_path(partial), record_path(path))
         os.replace(partial, path)
         written += count
         elapsed = time.perf_counter() - started
@@ -220,6 +210,9 @@ def main(args):
     if failed:
         errors.append(f"{len(failed)} shards could not be read to the end (first: {redact_tokens(failed[0])}); "
                       "run again to retry them")
+    if misgrouped:
+        errors.append(f"{len(misgrouped)} shards hold files that webdataset cannot group into samples (first: "
+                      f"{redact_tokens(misgrouped[0])}; the log says why); they were not written")
     if unusable:
         errors.append(f"{len(unusable)} shards held no usable sample, a {ImageTextSamples.usable} (first: "
                       f"{redact_tokens(unusable[0])}); they were not written")

@@ -3,9 +3,9 @@ image-text shards, or ``(posterior moments, prompt embeddings)`` from the latent
 ``scripts/precompute_latents.py``.
 
 A shard spec is what ``--train_shards_path_or_url`` takes: local paths, URLs, ``pipe:``
-commands, ``{000..009}`` brace ranges and ``::``-separated lists of these. Samples are
-grouped by webdataset's own tar reader, which understands the end-of-shard marker of
-webdataset 1.x (the authors' custom grouping crashed on it, SPEC defect 2).
+commands, ``{000..009}`` brace ranges and ``::``-separated lists of these. Their raw samples come
+from ``splam.tar_shards``, which groups a tar's files as webdataset does and reads no end-of-shard
+marker as a sample (the authors' custom grouping crashed on webdataset 1.x's, SPEC defect 2).
 
 Web data is dirty. Every sample that cannot be used is skipped, every one that can be
 mended is repaired, and both are counted by reason (``DataStats``) so the training loop
@@ -35,13 +35,17 @@ from accelerate.utils import gather_object
 from PIL import Image, ImageOps
 
 from .args import SetupError, redact_tokens
+from .latent_shards import warn_of_other_models
+from .tar_shards import DUPLICATE_FILE, LayoutError, shard_samples
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
-# Reasons a sample is dropped, and reasons it was mended, as counted in DataStats.
-SKIP_REASONS = ("bad_shard", "no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large",
-                "no_latents", "undecodable_latents")
-REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled")
+# Reasons a sample is dropped, reasons it was mended, and the shards whose reading stopped short
+# (``ShardErrors``), as counted in DataStats.
+SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large", "no_latents",
+                "undecodable_latents")
+REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled", DUPLICATE_FILE)
+BAD_SHARD, BAD_LAYOUT = "bad_shard", "bad_layout"
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_UNDECODABLE_IN_A_ROW = 1000
 MAX_SHARDS_CHECKED = 10_000  # local shards whose existence is checked at the start
@@ -72,11 +76,16 @@ class DataStats(collections.Counter):
     def repaired(self) -> int:
         return sum(self[reason] for reason in REPAIR_REASONS)
 
+    def bad_shards(self) -> int:
+        """Readings of a shard that stopped short: not samples, since how many were lost is not known."""
+        return self[BAD_SHARD] + self[BAD_LAYOUT]
+
     def summary(self) -> str:
         return ", ".join(f"{reason} {count}" for reason, count in sorted(self.items()) if count)
 
     def report(self) -> str:
-        return f"{self.skipped()} samples skipped, {self.repaired()} repaired ({self.summary() or 'no reasons'})"
+        shards_part = f", {shards(self.bad_shards())} not read to the end" if self.bad_shards() else ""
+        return f"{self.skipped()} samples skipped, {self.repaired()} repaired{shards_part} ({self.summary() or 'no reasons'})"
 
     def summed_over_processes(self) -> "DataStats":
         """The counts of all processes added up (each counts what its own loader workers read);
@@ -98,11 +107,24 @@ def expand_shard_urls(spec: str) -> list:
 
 
 def train_shard_urls(args) -> list:
-    """The shard URLs of ``--train_shards_path_or_url`` or ``--train_latents_path_or_url``; a spec
-    whose URLs are all local paths, none of which exists, is refused."""
-    flag = "--train_latents_path_or_url" if args.train_latents_path_or_url else "--train_shards_path_or_url"
-    urls = expand_shard_urls(args.train_latents_path_or_url or args.train_shards_path_or_url)
-    local = [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
+    """The shard URLs of ``--train_shards_path_or_url`` or ``--train_latents_path_or_url``
+    (``checked_shard_urls``); latent shards' records are checked against this run's models."""
+    if not args.train_latents_path_or_url:
+        return checked_shard_urls(args.train_shards_path_or_url, "--train_shards_path_or_url")
+    urls = checked_shard_urls(args.train_latents_path_or_url, "--train_latents_path_or_url")
+    warn_of_other_models(args, [path for path in local_paths(urls)[:MAX_SHARDS_CHECKED] if os.path.exists(path)])
+    return urls
+
+
+def local_paths(urls) -> list:
+    return [url for url in urls if not re.match(r"^[a-z][a-z0-9+.-]*:", url)]
+
+
+def checked_shard_urls(spec: str, flag: str) -> list:
+    """The shard URLs of ``spec``, given as ``flag``; a spec whose URLs are all local paths, none of
+    which exists, is refused (``SetupError``), and missing ones among others are counted in the log."""
+    urls = expand_shard_urls(spec)
+    local = local_paths(urls)
     if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
         raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all)")
     # Bounded: on a network filesystem each check is a round trip, and a web-scale spec has 100k shards.
@@ -276,38 +298,38 @@ def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: 
 
 
 class ShardErrors:
-    """webdataset's handler of shard read errors: each is counted as ``bad_shard`` and each shard
-    named in the log once (``url``, the shard being read where the caller reads one at a time,
-    or else the URL webdataset appends to the error), a token in it masked. ``stream_failures``
-    counts the errors that ended the stream of ``url`` (it could not be opened or read on), not
-    those within it (a file name twice in a sample). No error is counted while ``counting`` is
-    off: a shard's samples read before, read again to reach a position."""
+    """Counts the shards whose reading stopped short into ``stats`` and names each in the log once
+    (a token in its URL masked): ``bad_shard`` for one whose stream could not be opened or read to
+    its end, ``bad_layout`` for one whose files webdataset cannot group (``LayoutError``). Only
+    the former, counted in ``stream_failures``, may be mended by reading the shard again (a
+    connection dropped). No failure is counted while ``counting`` is off: a shard's samples read
+    before, read again to reach a position. ``bad_layouts`` holds the shards of the latter."""
 
     def __init__(self, stats: DataStats):
-        self.stats, self.reported = stats, set()
-        self.url, self.counting, self.stream_failures = None, True, 0
+        self.stats, self.reported, self.bad_layouts = stats, set(), set()
+        self.counting, self.stream_failures = True, 0
 
-    def __call__(self, error) -> bool:
-        # webdataset appends the shard's URL to the errors of opening and reading it.
-        source = error.args[-1] if error.args and isinstance(error.args[-1], str) else None
-        if source is not None and source == self.url:
-            self.stream_failures += 1
+    def __call__(self, error: Exception, url: str) -> None:
+        reason = BAD_LAYOUT if isinstance(error, LayoutError) else BAD_SHARD
+        self.stream_failures += reason == BAD_SHARD
+        if reason == BAD_LAYOUT:
+            self.bad_layouts.add(url)
         if self.counting:
-            self.stats["bad_shard"] += 1
-        shard = self.url or source
-        if shard is None or shard not in self.reported:
-            self.reported.add(shard)
+            self.stats[reason] += 1
+        if url not in self.reported:
+            self.reported.add(url)
             # The URL may be a gated dataset's curl command with its token.
-            logger.warning("could not read a shard (or its rest), counted as bad_shard: "
-                           + redact_tokens(f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
-        return True
+            logger.warning(redact_tokens(f"could not read the shard {url} to its end, counted as {reason}: "
+                                         f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
 
 
 def tar_samples(urls, stats: DataStats, errors: ShardErrors = None):
-    """Raw samples (dicts of bytes by extension) of the shards in ``urls``, in order. A shard
-    that cannot be opened or read to the end is counted as ``bad_shard`` (by ``errors``, or a
-    handler of this call's own); reading goes on with the next one."""
-    return wds.tarfile_samples(({"url": url} for url in urls), handler=errors or ShardErrors(stats))
+    """Raw samples (``splam.tar_shards``) of the shards in ``urls``, in order. A shard whose reading
+    stops short is counted (by ``errors``, or a ``ShardErrors`` of this call's own); reading goes
+    on with the next one."""
+    errors = errors or ShardErrors(stats)
+    for url in urls:
+        yield from shard_samples(url, stats, on_failure=lambda error, url=url: errors(error, url))
 
 
 def shuffled(samples, buffer_size: int, rng: random.Random, count: int):
@@ -436,7 +458,9 @@ class ShardReader:
     - after it, once the shards have been opened 20 times each in a row without one: the shards
       went away (a server down), and the stream stops rather than spinning;
     - samples that fail to decode (``decoded_samples``' run), before any has decoded, once every
-      shard (or 64) has been opened: one shard of error pages saved as JPEGs is not dead data.
+      shard (or 64) has been opened: one shard of error pages saved as JPEGs is not dead data;
+    - once every shard (or 64) has shown a layout webdataset cannot group (``splam.tar_shards``),
+      whatever samples they gave before it showed.
 
     A reader that gives up on its own share reads from all shards for the rest of the segment,
     with a warning (a few corrupt shards that make up one reader's share must not stop a run), and
@@ -493,12 +517,15 @@ class ShardReader:
                     else self.all_tried(self.tried)):
                 self.give_up(f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row")
                 continue
+            if self.all_tried(self.errors.bad_layouts):  # the few samples read before that showed are no data set
+                self.give_up(f"{shards(len(self.errors.bad_layouts))} whose files webdataset cannot group into samples "
+                             "(the log says why)")
+                continue
             url = order[self.position["shard"]]
             if self.position["sample"] == 0:  # not a shard opened again mid-way (a resume), as the uninterrupted run did not
                 self.opened.add(url)
                 self.tried.add(url)
                 self.unusable_openings += 1
-            self.errors.url = url
             for _ in range(self.MAX_OPENINGS_OF_A_SHARD):
                 failures, reading_from = self.errors.stream_failures, self.position["sample"]
                 # Errors before the first new sample were counted when it was read before (and a

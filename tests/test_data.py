@@ -215,21 +215,90 @@ def test_the_loader_passes_the_counts_through_unchanged(num_workers):
     assert loaded == stats
 
 
-def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_path):
+@pytest.mark.parametrize("cut_at", ["in a file's data", "at a header", "in a header"])
+def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_path, cut_at):
+    """A shard cut short is counted wherever the cut falls. tarfile's stream mode ends an archive
+    quietly where the stream stops at a header or within one (a copy cut at a block boundary),
+    which read as a complete shard before."""
     samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes("gray", (64, 64)), "txt": f"c{i}"} for i in range(6)]
-    whole = open(write_tar(tmp_path / "whole.tar", samples), "rb").read()
+    whole = write_tar(tmp_path / "whole.tar", samples)
+    with tarfile.open(whole) as tar:
+        fourth_image = tar.getmembers()[6]  # k3.jpg
+    cut_offset = {"in a file's data": fourth_image.offset_data + 10, "at a header": fourth_image.offset,
+                  "in a header": fourth_image.offset + 100}[cut_at]
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(whole[: int(len(whole) * 0.6)])
+    cut.write_bytes(open(whole, "rb").read()[:cut_offset])
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar file at all" * 100)
     stats = DataStats()
-    decoded = read_all([str(cut), str(garbage), str(tmp_path / "missing.tar"), str(tmp_path / "whole.tar")], stats=stats)
-    captions = [caption for _, caption in decoded]
-    # The cut shard gives its complete samples (a cut-off last member, if any, fails to decode);
-    # the unreadable and the missing shard are counted; the whole one follows intact.
-    assert captions[-6:] == [f"c{i}" for i in range(6)]
-    assert captions[:3] == ["c0", "c1", "c2"] and len(captions) - 6 < 6
-    assert stats["bad_shard"] == 2
+    decoded = read_all([str(cut), str(garbage), str(tmp_path / "missing.tar"), whole], stats=stats)
+    # The cut shard gives its complete samples, the unreadable and the missing shard are counted,
+    # the whole one follows intact.
+    assert [caption for _, caption in decoded] == ["c0", "c1", "c2"] + [f"c{i}" for i in range(6)]
+    assert stats["bad_shard"] == 3 and stats.bad_shards() == 3 and stats.skipped() == 0
+    assert stats.report().startswith("0 samples skipped, 0 repaired, 3 shards not read to the end")
+
+
+def write_files(path, files):
+    """A tar of ``(name, bytes)`` files in the given order, as a tar of a folder would be."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_a_shard_whose_samples_files_are_apart_is_left_where_that_shows(tmp_path, caplog):
+    """A tar of an unsorted folder: webdataset would cut each sample into fragments and train on the
+    few pairs that lie side by side. The shard is read up to the first file whose sample came
+    before, then counted and named with the reason; the next shard is read whole."""
+    images = [(f"k{i}.jpg", jpeg_bytes("gray")) for i in range(4)]
+    captions = [(f"k{i}.txt", f"c{i}".encode()) for i in range(4)]
+    apart = write_files(tmp_path / "apart.tar", [images[0], captions[0], *images[1:], *captions[1:]])
+    sorted_ = write_files(tmp_path / "sorted.tar", [file for pair in zip(images, captions) for file in pair])
+    stats = DataStats()
+    samples = read_all([apart, sorted_], stats=stats)
+    # k0 is whole; k1..k3 are images alone until k1.txt shows the layout.
+    assert [caption for _, caption in samples] == ["c0", "c0", "c1", "c2", "c3"]
+    assert stats["no_caption"] == 3 and stats["bad_layout"] == 1 and stats.bad_shards() == 1
+    assert "apart.tar" in caplog.text and "the files of sample k1 are not adjacent" in caplog.text
+
+
+def test_a_sample_written_twice_and_files_written_twice_are_read(tmp_path):
+    """A key that comes back with the files it had is a sample written twice, not a layout fault;
+    a file twice within one sample keeps the first copy, counted."""
+    shard = write_files(tmp_path / "twice.tar", [
+        ("a.jpg", jpeg_bytes("red")), ("a.txt", b"first"), ("b.jpg", jpeg_bytes("red")), ("b.txt", b"b"),
+        ("a.jpg", jpeg_bytes("red")), ("a.txt", b"again"), ("a.txt", b"third"),
+    ])
+    stats = DataStats()
+    assert [caption for _, caption in read_all([shard], stats=stats)] == ["first", "b", "again"]
+    assert stats["duplicate_file"] == 1 and stats.bad_shards() == 0
+
+
+def test_names_with_dots_in_the_key_are_left_without_reading_the_shard_into_one_sample(tmp_path, caplog):
+    """``coco.train.000001.jpg`` has webdataset's key ``coco``: every file of the shard would join one
+    sample, held in memory whole. Past 64 files the shard is left, with the reason."""
+    files = [(f"coco.train.{i:06d}.{extension}", data) for i in range(40)
+             for extension, data in (("jpg", jpeg_bytes("gray")), ("txt", b"a caption"))]
+    stats = DataStats()
+    assert read_all([write_files(tmp_path / "dotted.tar", files)], stats=stats) == []
+    assert stats["bad_layout"] == 1 and stats.skipped() == 0
+    assert "sample coco has over 64 files" in caplog.text
+
+
+def test_a_stream_of_shards_whose_files_are_apart_stops_with_a_message(tmp_path, tokenizer):
+    """Every shard lays its samples' files apart, with a pair side by side at the start of each: the
+    stream does not go on training on those pairs, it stops."""
+    shards = []
+    for index in range(3):
+        images = [(f"k{i}.jpg", jpeg_bytes("gray")) for i in range(4)]
+        captions = [(f"k{i}.txt", b"caption") for i in range(4)]
+        shards.append(write_files(tmp_path / f"{index}.tar", [images[0], captions[0], *images[1:], *captions[1:]]))
+    with pytest.raises(DataError, match="3 shards whose files webdataset cannot group into samples"):
+        for _ in shard_stream(shards, tokenizer, batch_size=1, batches_per_segment=100):
+            pass
 
 
 def test_long_captions_are_truncated_and_counted(tokenizer):
@@ -292,7 +361,7 @@ def test_a_shard_that_fails_mid_way_is_opened_again_and_read_on(tmp_path):
 def test_a_cut_shard_and_one_with_an_error_inside_are_each_read_once_per_pass(tmp_path):
     """Only a shard whose stream fails mid-way is opened again: one cut short fails again where it
     did, giving nothing new, and is counted once; one holding a sample's two files twice is read
-    to its end despite the errors (webdataset keeps the sample), and not opened again."""
+    to its end, the sample kept with the first of each (counted), and not opened again."""
     def sample(index, **extra):
         return {"__key__": f"k{index}", "moments.npy": npy(np.array([index], np.float32)),
                 "prompt_embeds.npy": npy(np.zeros(1, np.float32)), **extra}
@@ -317,7 +386,8 @@ def test_a_cut_shard_and_one_with_an_error_inside_are_each_read_once_per_pass(tm
     read = [int(moments) for moments, _, _, _ in batches]
     assert sorted(read[:pass_length]) == sorted(read[pass_length:]) and len(set(read[:pass_length])) == pass_length
     # Per pass: the cut shard's failure once, the two files written twice once each.
-    assert sum(stats["bad_shard"] for _, _, stats, _ in batches) == 2 * (1 + 2)
+    assert sum(stats["bad_shard"] for _, _, stats, _ in batches) == 2 * 1
+    assert sum(stats["duplicate_file"] for _, _, stats, _ in batches) == 2 * 2
     assert len(openings.read_text().splitlines()) == 2  # once per pass
 
 

@@ -164,8 +164,9 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     assert {"random_states_0.pkl", "random_states_1.pkl", "unet", "unet_target"} <= set(os.listdir(checkpoint))
     bad_shards = json.load(open(os.path.join(checkpoint, "training_state.json")))["data_stats"]["bad_shard"]
     assert bad_shards >= 4  # in each of the 2 segments both shards of its own share, before it falls back
-    assert logged_scalars(output_dir, "data/skipped")[0][4] == bad_shards
-    assert f"Data in all: {bad_shards} samples skipped" in first.stderr
+    assert logged_scalars(output_dir, "data/bad_shards")[0][4] == bad_shards
+    assert logged_scalars(output_dir, "data/skipped")[0][4] == 0
+    assert f"Data in all: 0 samples skipped, 0 repaired, {bad_shards} shards not read to the end" in first.stderr
 
     second = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=6", *flags)
     assert "Resuming from" in second.stderr and "checkpoint-4" in second.stderr

@@ -1,8 +1,10 @@
 """Precomputed latents: scripts/precompute_latents.py on real shards, then training from them."""
 
+import argparse
 import glob
 import io
 import os
+import tarfile
 
 import numpy as np
 import pytest
@@ -97,7 +99,7 @@ def test_training_from_latents_resumes_exactly_and_exports(latent_shards, tiny_t
     launch(tiny_teacher, spec, straight, "--max_train_steps=4", *flags, source=LATENTS)
     launch(tiny_teacher, spec, resumed, "--max_train_steps=2", *flags, source=LATENTS)
     second = launch(tiny_teacher, spec, resumed, "--max_train_steps=4", *flags, source=LATENTS)
-    assert "Resuming from" in second.stderr
+    assert "Resuming from" in second.stderr and "were made with another" not in second.stderr
     (straight_losses,) = logged_scalars(straight, "loss")
     resumed_losses = logged_scalars(resumed, "loss")[-1]
     assert sorted(resumed_losses) == [3, 4]
@@ -105,6 +107,26 @@ def test_training_from_latents_resumes_exactly_and_exports(latent_shards, tiny_t
     pipeline = DiffusionPipeline.from_pretrained(resumed)
     image = pipeline("a cup of coffee", num_inference_steps=2, guidance_scale=1, output_type="pt").images
     assert torch.isfinite(image).all()
+
+
+def test_latents_made_by_another_teacher_are_named_in_the_log(latent_shards, tiny_teacher, tmp_path, caplog):
+    """Latents of another VAE and text encoder have the shapes this teacher's give: only the shards'
+    records tell. Another spelling of the same teacher's folder is no other teacher."""
+    from splam.data import train_shard_urls
+
+    def urls(teacher, resolution=RESOLUTION):
+        caplog.clear()
+        return train_shard_urls(argparse.Namespace(
+            train_latents_path_or_url=f"{latent_shards[0]}/{{00000..00002}}.tar", train_shards_path_or_url=None,
+            pretrained_teacher_model=teacher, pretrained_vae_model_name_or_path=None, teacher_revision=None,
+            resolution=resolution))
+
+    assert len(urls(tiny_teacher + "/")) == 3 and "made with another" not in caplog.text
+    urls(str(tmp_path))
+    assert (f"3 of the 3 latent shards checked were made with another pretrained_teacher_model ({tiny_teacher}, "
+            f"this run {tmp_path})") in caplog.text
+    urls(tiny_teacher, resolution=2 * RESOLUTION)
+    assert f"another resolution ({RESOLUTION}, this run {2 * RESOLUTION})" in caplog.text
 
 
 def test_latents_of_another_resolution_are_refused(latent_shards, tiny_teacher, tmp_path):
@@ -160,33 +182,46 @@ def test_precompute_leaves_out_a_shard_it_cannot_read(tiny_teacher, tiny_shards,
     assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00001.tar", "00001.tar.json"]
 
 
-def test_precompute_refuses_a_missing_teacher_and_a_file_as_output_dir_in_one_line(tiny_teacher, tiny_shards, tmp_path):
+def test_precompute_refuses_a_missing_teacher_a_file_as_output_dir_and_shards_that_are_not_there_in_one_line(
+        tiny_teacher, tiny_shards, tmp_path):
     not_a_folder = tmp_path / "latents"
     not_a_folder.write_text("")
-    cases = [(tmp_path / "missing", tmp_path / "out", "error: cannot load the teacher's tokenizer from"),
-             (tiny_teacher, not_a_folder, "error: --output_dir")]
-    results = run_scripts(*[precompute_command(teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}")
-                            for teacher, output_dir, _ in cases])
-    for result, (_, _, expected) in zip(results, cases):
+    cases = [(tmp_path / "missing", tiny_shards, tmp_path / "out", "error: cannot load the teacher's tokenizer from"),
+             (tiny_teacher, tiny_shards, not_a_folder, "error: --output_dir"),
+             # A glob, which shard specs do not expand: it was reported as a shard that could not be read.
+             (tiny_teacher, f"{tmp_path}/*.tar", tmp_path / "out", "error: --train_shards_path_or_url matches no file")]
+    results = run_scripts(*[precompute_command(teacher, shards, output_dir, f"--resolution={RESOLUTION}")
+                            for teacher, shards, output_dir, _ in cases])
+    for result, (_, _, _, expected) in zip(results, cases):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-3000:]
 
 
-def test_precompute_leaves_out_a_shard_with_no_usable_sample(tiny_teacher, tiny_shards, tmp_path):
+def test_precompute_leaves_out_a_shard_with_no_usable_sample_or_its_samples_files_apart(tiny_teacher, tiny_shards, tmp_path):
     """Shards whose captions are in another layout (here only a .json) gave an empty latent shard,
-    exit 0 and the advice to train on it; a rerun after fixing them then skipped it as done."""
+    exit 0 and the advice to train on it; a rerun after fixing them then skipped it as done. One
+    whose samples' files lie apart gave the few pairs side by side, as if that were the shard."""
     image = io.BytesIO()
     Image.new("RGB", (RESOLUTION, RESOLUTION), "red").save(image, format="JPEG")
     json_only = str(tmp_path / "json-only.tar")
     with wds.TarWriter(json_only) as writer:
         for index in range(3):
             writer.write({"__key__": f"k{index}", "jpg": image.getvalue(), "json": b'{"caption": "a red square"}'})
+    apart = str(tmp_path / "apart.tar")
+    with tarfile.open(apart, "w") as tar:
+        for name in ("k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"):
+            data = image.getvalue() if name.endswith(".jpg") else b"a red square"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     output_dir = str(tmp_path / "latents")
-    result = precompute(tiny_teacher, f"{json_only}::{tiny_shards.replace('{00000..00002}', '00000')}", output_dir,
-                        f"--resolution={RESOLUTION}")
+    result = precompute(tiny_teacher, f"{json_only}::{apart}::{tiny_shards.replace('{00000..00002}', '00000')}",
+                        output_dir, f"--resolution={RESOLUTION}")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert "error: 1 shards held no usable sample" in result.stderr and "json-only.tar" in result.stderr
-    assert sorted(os.listdir(output_dir)) == ["00001.tar", "00001.tar.json"]
+    assert "1 shards held no usable sample" in result.stderr and "json-only.tar" in result.stderr
+    assert "1 shards hold files that webdataset cannot group into samples (first: " in result.stderr
+    assert "the files of sample k1 are not adjacent" in result.stderr
+    assert sorted(os.listdir(output_dir)) == ["00002.tar", "00002.tar.json"]
 
 
 def test_precompute_refuses_to_write_over_its_input_shards(tiny_teacher, tiny_shards):

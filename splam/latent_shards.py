@@ -1,0 +1,60 @@
+"""What made a latent shard: ``scripts/precompute_latents.py`` writes beside each output shard
+``<shard>.json``, its input shard and every setting that shapes its arrays. A rerun of the script
+reads them so as not to mix latents of other settings, and training reads them so as not to
+distil a teacher from latents another VAE and text encoder made (their shapes alone agree)."""
+
+import json
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+# The flags of scripts/precompute_latents.py that shape the stored arrays.
+SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution",
+            "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
+# Those that training shares: the VAE and text encoder that made the arrays, and their size.
+MODEL_SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution")
+
+
+def record_path(shard_path: str) -> str:
+    return shard_path + ".json"
+
+
+def read_record(shard_path: str):
+    """The record beside a local latent shard, or ``None`` where there is none (or it is no JSON)."""
+    try:
+        with open(record_path(shard_path), encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def same_setting(recorded, value) -> bool:
+    """Equal, or two spellings of one local file or folder (relative and absolute, a trailing slash)."""
+    if recorded == value:
+        return True
+    return (isinstance(recorded, str) and isinstance(value, str) and os.path.exists(recorded) and os.path.exists(value)
+            and os.path.samefile(recorded, value))
+
+
+def changed_settings(record: dict, settings: dict) -> list:
+    """The names of ``settings`` whose values differ from ``record``'s."""
+    return [name for name, value in settings.items() if not same_setting(record.get(name), value)]
+
+
+def warn_of_other_models(args, local_shards) -> None:
+    """Warn where the records of ``local_shards`` (local paths of latent shards; a shard without one
+    is not checked) name another teacher, VAE, revision or resolution than this run's. A warning,
+    not a refusal: a teacher's name on the Hub and its downloaded folder are two spellings of one
+    model that only its files could tell apart."""
+    settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
+    others = [(path, changes) for path in local_shards
+              for changes in [changed_settings(read_record(path) or settings, settings)] if changes]
+    if others:
+        path, changes = others[0]
+        recorded = read_record(path)
+        logger.warning(f"{len(others)} of the {len(local_shards)} latent shards checked were made with another "
+                       + ", ".join(f"{name} ({recorded.get(name)}, this run {settings[name]})" for name in changes)
+                       + f" (first: {path}): their latents and prompt embeddings come from other models than the "
+                       "teacher this run distils, unless these name the same one")
