@@ -1,5 +1,6 @@
 """The run's claim on ``output_dir``: the folder is writable, no other run trains into it, its
-checkpoints are one history, and the checkpoint to resume from, if any.
+checkpoints are one history (and a new run replaces no earlier run's pipeline), and the
+checkpoint to resume from, if any.
 
 ``latest`` and the checkpoint rotation go by step number, so the checkpoints in ``output_dir``
 must all be this run's history: a run refuses to start where ``output_dir`` holds checkpoints
@@ -16,6 +17,7 @@ from accelerate.utils import broadcast_object_list
 
 from .args import SetupError
 from .checkpoints import TRAINING_STATE, checkpoint_step, list_checkpoints, read_training_state, remove_killed_saves
+from .export import MODEL_INDEX
 
 LOCK_FILE = ".training.lock"
 
@@ -72,6 +74,15 @@ def check_no_newer_checkpoints(output_dir: str, resume_path, start_step: int) ->
     raise SetupError(f"{output_dir} holds checkpoints newer than {resume_path}, which this run resumes from "
                      f"({', '.join(newer)}): move them out of the folder first, or --resume_from_checkpoint=latest "
                      "would later pick them up again")
+
+
+def check_no_earlier_pipeline(output_dir: str) -> None:
+    """Refuse to start a new run where ``output_dir`` holds an earlier run's distilled pipeline and
+    no checkpoint to go on from (a run shorter than ``--checkpointing_steps``, or its checkpoints
+    deleted): its export would replace that pipeline, and a kill mid-export would leave neither."""
+    if os.path.isfile(os.path.join(output_dir, MODEL_INDEX)):
+        raise SetupError(f"{output_dir} holds the distilled pipeline of an earlier run ({MODEL_INDEX}) and no checkpoint "
+                         "to go on from: give another --output_dir, or move the pipeline out to start a new run there")
 
 
 def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint):
@@ -141,6 +152,8 @@ def claim_output_dir(accelerator, output_dir: str, resume_from_checkpoint):
             path = resolve_resume_checkpoint(output_dir, resume_from_checkpoint)
             state = read_training_state(path) if path else None
             check_no_newer_checkpoints(output_dir, path, state["global_step"] if state else 0)
+            if path is None:
+                check_no_earlier_pipeline(output_dir)
             answer = [(path, state, None)]
         except SetupError as error:
             answer = [(None, None, str(error))]

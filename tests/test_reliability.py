@@ -295,6 +295,24 @@ def test_what_a_kill_left_is_removed_by_a_run_that_saves_no_checkpoint(tmp_path)
     assert os.listdir(tmp_path) == [".training.lock"]
 
 
+def test_a_new_run_is_refused_where_an_earlier_one_left_its_pipeline_and_no_checkpoint(tmp_path):
+    """A run shorter than --checkpointing_steps leaves a pipeline and no checkpoint: the next run there
+    replaced it without a word (and a kill mid-export left neither). One with a checkpoint goes on."""
+    from accelerate import Accelerator
+
+    from splam.output_dir import claim_output_dir
+
+    (tmp_path / "model_index.json").write_text("{}")
+    for resume in (None, "latest"):
+        with pytest.raises(SetupError, match=f"{tmp_path} holds the distilled pipeline of an earlier run"):
+            claim_output_dir(Accelerator(cpu=True), str(tmp_path), resume)
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "training_state.json").write_text(json.dumps({"format": 4, "global_step": 2}))
+    path, state, lock = claim_output_dir(Accelerator(cpu=True), str(tmp_path), "latest")
+    lock.close()
+    assert path == str(tmp_path / "checkpoint-2") and state["global_step"] == 2
+
+
 def test_a_run_below_the_newest_checkpoint_is_refused_before_it_deletes_one(tiny_teacher, tiny_shards, tmp_path):
     """``latest`` and the rotation go by step number, so a new run in a folder with checkpoints, or
     a roll-back to an older one, would lose its own checkpoints to them: it stops at once."""
