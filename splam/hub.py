@@ -15,6 +15,7 @@ from typing import NamedTuple
 from huggingface_hub import HfApi
 
 from .args import one_line
+from .checkpoints import checkpoint_step
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,22 @@ class HubPublisher:
         of earlier checkpoints that failed are logged and started again now."""
         self.retry_failed()
         self.uploads[step] = self.start_checkpoint_upload(checkpoint_path, step, retried=False)
+
+    def push_missing_checkpoints(self, checkpoint_paths) -> None:
+        """Upload those of ``checkpoint_paths`` that are not on the Hub: a run killed before their
+        uploads were done (they run in this process) resumed from them, and the rotation would
+        delete them unsent. Each upload is one commit, so a ``step-<N>`` folder on the Hub is whole."""
+        try:
+            on_hub = {name.split("/")[1] for name in self.api.list_repo_files(self.repo_id) if name.startswith("checkpoints/")}
+        except Exception as error:  # HTTP, network and auth errors of huggingface_hub alike
+            logger.warning(f"cannot list the checkpoints on the Hub ({one_line(error)}): those a stopped run saved "
+                           "but had not uploaded yet are not uploaded now")
+            return
+        for path in checkpoint_paths:
+            step = checkpoint_step(path)
+            if f"step-{step}" not in on_hub:
+                logger.info(f"{path} is not on the Hub (the run that saved it stopped before its upload): uploading it")
+                self.uploads[step] = self.start_checkpoint_upload(path, step, retried=False)
 
     def retry_failed(self) -> None:
         """Start again the uploads that failed, but those whose folder the rotation has taken."""

@@ -4,6 +4,7 @@ import argparse
 import html
 import os
 import re
+import shutil
 
 import pytest
 import yaml
@@ -188,6 +189,22 @@ def test_a_failed_checkpoint_upload_is_retried_at_the_next_checkpoint(hub, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
 
 
+def test_checkpoints_a_stopped_run_saved_but_had_not_uploaded_are_uploaded_by_the_next(hub, tmp_path):
+    """Uploads run in the training process: one killed after saving checkpoint-4 and -6, before their
+    uploads, left them on the disk only, and the resumed run's rotation deleted them unsent."""
+    first_run = HubPublisher("resumed", token=FLAG_TOKEN)
+    first_run.push_checkpoint(fake_checkpoint(tmp_path, 2), 2)
+    first_run.wait_for_checkpoints()
+    local = [str(tmp_path / "checkpoint-2"), fake_checkpoint(tmp_path, 4), fake_checkpoint(tmp_path, 6)]
+    resumed_run = HubPublisher("resumed", token=FLAG_TOKEN)
+    resumed_run.push_missing_checkpoints(local)
+    assert sorted(resumed_run.uploads) == [4, 6]
+    assert resumed_run.checkpoints_to_keep() <= set(local[1:])  # kept from the rotation until sent
+    resumed_run.wait_for_checkpoints()
+    assert {name.split("/")[1] for name in hub.repos[resumed_run.repo_id]["files"]} == {"step-2", "step-4", "step-6"}
+    assert hub.repos[resumed_run.repo_id]["commits"] == [f"Checkpoint at step {step}" for step in (2, 4, 6)]
+
+
 def test_checkpoints_uploading_are_kept_past_the_limit_and_uploads_fall_behind_by_at_most_the_limit(hub, tmp_path):
     publisher = HubPublisher("slow", token=FLAG_TOKEN)
     hub.preupload_seconds = 1
@@ -258,3 +275,18 @@ def test_a_token_inside_the_shard_command_reaches_neither_the_card_nor_the_track
 
     record = shard_record(argparse.Namespace(**dict.fromkeys(SETTINGS)), shards)
     assert basic not in record["input"] and "resolve/main" in record["input"]
+
+
+def test_a_resumed_run_uploads_the_checkpoint_it_resumes_from_when_the_hub_lacks_it(pushed_run, tiny_teacher, tiny_shards,
+                                                                                      tmp_path):
+    """The run's checkpoint-4 as a killed run would leave it, saved but not uploaded (a Hub that has
+    nothing yet): the relaunch, which only exports, sends it before the pipeline."""
+    output_dir = str(tmp_path / "splam-tiny")
+    shutil.copytree(pushed_run[1], output_dir)
+    with FakeHub() as server:
+        env = dict(os.environ, HF_ENDPOINT=server.endpoint, HF_TOKEN=ENV_TOKEN, HF_HUB_DISABLE_TELEMETRY="1")
+        result = launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4", "--checkpointing_steps=2",
+                        "--checkpoints_total_limit=1", "--push_checkpoints", "--resume_from_checkpoint=latest",
+                        "--report_to=none", env=env)
+        assert "checkpoint-4 is not on the Hub" in result.stderr, result.stderr[-3000:]
+        assert server.repos[f"{USER}/splam-tiny"]["commits"] == ["Checkpoint at step 4"]
