@@ -12,6 +12,8 @@ can fail there alone: ``raise_on_every_process`` stops the others with its messa
 also take long there: ``wait_on_every_process`` keeps the others' collectives short meanwhile.
 """
 
+import logging
+
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 from diffusers import UNet2DConditionModel
@@ -19,6 +21,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
 from .args import SetupError
+
+logger = logging.getLogger(__name__)
 
 
 def check_fsdp_options(accelerator, args) -> None:
@@ -44,8 +48,9 @@ def check_fsdp_options(accelerator, args) -> None:
 def configure_deepspeed(accelerator, args) -> None:
     """Under DeepSpeed, hand its engine the flags' values of what it reads from its config: the
     batch sizes (accelerate derives them from a prepared dataloader, and the shard stream is not
-    one), the accumulation steps and the clipping norm (the engine clips inside its step); refuse
-    a config that brings an optimizer or lr schedule of its own."""
+    one), the accumulation steps and the clipping norm (the engine clips inside its step), saying
+    so where the config sets them otherwise; refuse a config that brings an optimizer or lr
+    schedule of its own."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -53,6 +58,10 @@ def configure_deepspeed(accelerator, args) -> None:
         if section in config:
             # Its engine would step its own alongside this script's, which the flags set.
             raise SetupError(f"remove the {section!r} section from the DeepSpeed config: set it with {flags}")
+    for key, flag, value in (("gradient_accumulation_steps", "--gradient_accumulation_steps", args.gradient_accumulation_steps),
+                             ("gradient_clipping", "--max_grad_norm", args.max_grad_norm)):
+        if config.get(key, "auto") not in ("auto", value):
+            logger.warning(f"the DeepSpeed config's {key}: {config[key]} gives way to {flag}={value}: set {flag} instead")
     config.update(
         train_micro_batch_size_per_gpu=args.train_batch_size,
         train_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,

@@ -304,6 +304,21 @@ def test_a_deepspeed_config_with_its_own_optimizer_or_schedule_is_refused(sectio
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_clipping"] == 1.0
 
 
+def test_the_deepspeed_configs_accumulation_and_clipping_give_way_to_the_flags_with_a_warning(caplog):
+    """A config's gradient_accumulation_steps: 4 was replaced by the flag's default 1 without a word."""
+    from accelerate.utils import DistributedType
+
+    from splam.sharding import configure_deepspeed
+
+    config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0}
+    accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
+                                        state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=config)))
+    configure_deepspeed(accelerator, types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0))
+    assert "the DeepSpeed config's gradient_accumulation_steps: 4 gives way to --gradient_accumulation_steps=1" in caplog.text
+    assert "gradient_clipping" not in caplog.text  # the same value
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 4
+
+
 def test_deepspeed_trains_like_a_plain_run_and_resumes_in_bf16(tiny_teacher, tiny_shards, tmp_path):
     """Under DeepSpeed ZeRO-2 the flags' batch size and clipping norm reach the engine (the
     config says 1.0; 0.01 clips every step here), so fp32 losses, gradient norms and both UNets
