@@ -473,9 +473,11 @@ def main(args):
     accelerator.end_training()  # the trackers' runs end as finished, whatever the uploads do
     if publisher is not None:
         publisher.wait_for_checkpoints()
-        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)  # those kept for their uploads
-        if args.push_to_hub:
-            logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
+    if accelerator.is_main_process:
+        # Those kept for their uploads, and those over a limit lowered for a relaunch that saves none.
+        rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+    if publisher is not None and args.push_to_hub:
+        logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")
 
 
 def stop_on_signal(signum, frame):

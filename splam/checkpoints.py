@@ -152,6 +152,15 @@ def remove_killed_saves(output_dir: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def free_space(path: str) -> str:
+    """The space left on ``path``'s filesystem, for a message."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown space"
+    return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None,
                     kept_for_uploads=frozenset()) -> str:
     """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``
@@ -168,10 +177,13 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
         try:
             write()
         except WRITE_ERRORS as error:
-            return f"could not write the checkpoint {final_path}: {one_line(error)}"
+            reason = one_line(error)
         except CheckpointException as error:  # FSDP's shards, written by torch.distributed.checkpoint
-            return f"could not write the checkpoint {final_path}: {distributed_checkpoint_failure(error)}"
-        return None
+            reason = distributed_checkpoint_failure(error)
+        else:
+            return None
+        # torch.save reports a full disk as a file position it did not reach: the free space tells.
+        return f"could not write the checkpoint {final_path}: {reason} ({free_space(output_dir)} free on its disk)"
 
     def complete():  # training_state.json marks a complete checkpoint
         with open(os.path.join(staging_path, TRAINING_STATE), "w", encoding="utf-8") as handle:

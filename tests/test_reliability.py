@@ -367,6 +367,24 @@ def test_a_resume_past_a_lowered_max_train_steps_is_refused(tiny_teacher, tiny_s
     assert "Loading weights" not in result.stderr and not os.path.exists(os.path.join(output_dir, "unet"))
 
 
+def test_a_relaunch_that_only_exports_keeps_a_lowered_checkpoint_limit(tiny_teacher, tiny_shards, tmp_path):
+    """Checkpoints were rotated only when one was saved: a relaunch at the last step (export only)
+    with --checkpoints_total_limit lowered left them all. Without checkpoints, a new run is refused
+    before it loads anything rather than replace the pipeline."""
+    output_dir = str(tmp_path / "run")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=1", "--report_to=none")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=1", "--report_to=none",
+           "--resume_from_checkpoint=latest", "--checkpoints_total_limit=1")
+    assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+    shutil.rmtree(os.path.join(output_dir, "checkpoint-2"))
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2",
+                                          "--resume_from_checkpoint=latest"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert f"{output_dir} holds the distilled pipeline of an earlier run" in errors[0]
+    assert "Loading weights" not in result.stderr and os.path.isfile(os.path.join(output_dir, "model_index.json"))
+
+
 def test_a_checkpoint_named_as_in_diffusers_scripts_is_found_in_output_dir(tmp_path, monkeypatch):
     """diffusers' training scripts take --resume_from_checkpoint=checkpoint-500 as the folder of
     that name in output_dir: the same command finds it here, from any working directory, even one
@@ -533,7 +551,8 @@ def test_a_full_disk_during_a_save_stops_with_the_path_and_leaves_no_partial(tmp
         raise full_disk()
 
     accelerator.save_state = save_state_on_a_full_disk
-    with pytest.raises(CheckpointError, match=f"could not write the checkpoint {tmp_path}/checkpoint-2: .*No space left"):
+    with pytest.raises(CheckpointError, match=f"could not write the checkpoint {tmp_path}/checkpoint-2: .*No space left"
+                                              r".* \(\d+(\.\d)? [MG]iB free on its disk\)"):
         save_checkpoint(accelerator, str(tmp_path), 2, {"global_step": 2})
     assert os.listdir(tmp_path) == []
 
