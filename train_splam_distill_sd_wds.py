@@ -265,13 +265,13 @@ def main(args):
     if resume_path is not None:
         check_resumable(accelerator, args, resume_path, resume_state, optimizer_name(args))
     publisher = make_publisher(accelerator, args)
-    if publisher is not None and args.push_checkpoints:
-        publisher.push_missing_checkpoints(list_checkpoints(args.output_dir))
 
     args.max_train_steps = total_optimizer_steps(args, global_batch_size, resume_state)
     if resume_state is not None and resume_state["global_step"] > args.max_train_steps:
         raise SetupError(f"{resume_path} is at step {resume_state['global_step']}, past --max_train_steps="
                          f"{args.max_train_steps}: raise --max_train_steps, or resume from an earlier checkpoint")
+    if publisher is not None and args.push_checkpoints:
+        publisher.push_missing_checkpoints(list_checkpoints(args.output_dir))
     start_trackers(accelerator, args)
     note_trackers_without_images(accelerator)
 

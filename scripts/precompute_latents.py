@@ -138,9 +138,11 @@ def check_earlier_outputs(args, urls) -> None:
         if same_setting(path, url):
             sys.exit(f"error: {path} is the input shard {url} itself, which would be skipped as encoded: give "
                      "another --output_dir")
-        recorded = read_record(path) if os.path.exists(path) else None
-        if recorded is None:
+        if not os.path.exists(path) or not os.path.exists(record_path(path)):
             continue
+        recorded = read_record(path)
+        if recorded is None:
+            sys.exit(f"error: cannot read {record_path(path)}: delete it and {path} to encode that shard again")
         changed = changed_settings(recorded, shard_record(args, url))
         if changed:
             sys.exit(f"error: {path} was made with another {', '.join(changed)} "

@@ -4,8 +4,9 @@ image-text shards, or ``(posterior moments, prompt embeddings)`` from the latent
 
 A shard spec is what ``--train_shards_path_or_url`` takes: local paths, URLs, ``pipe:``
 commands, ``{000..009}`` brace ranges and ``::``-separated lists of these. Their raw samples come
-from ``splam.tar_shards``, which groups a tar's files as webdataset does and reads no end-of-shard
-marker as a sample (the authors' custom grouping crashed on webdataset 1.x's, SPEC defect 2).
+from ``splam.tar_shards``, which groups a tar's files as webdataset does, shard by shard (the
+authors' custom grouping crashed on the end-of-shard marker webdataset 1.x puts between shards,
+SPEC defect 2).
 
 Web data is dirty. Every sample that cannot be used is skipped, every one that can be
 mended is repaired, and both are counted by reason (``DataStats``) so the training loop
@@ -36,7 +37,7 @@ from PIL import Image, ImageOps
 
 from .args import SetupError, redact_tokens
 from .latent_shards import warn_of_other_models
-from .tar_shards import DUPLICATE_FILE, LayoutError, shard_samples
+from .tar_shards import LayoutError, shard_samples
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
@@ -44,11 +45,12 @@ CAPTION_KEYS = ("txt", "text", "caption")
 # (``ShardErrors``), as counted in DataStats.
 SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large", "no_latents",
                 "undecodable_latents")
-REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled", DUPLICATE_FILE)
+REPAIR_REASONS = ("caption_not_utf8", "caption_truncated", "image_mode_converted", "image_upscaled", "duplicate_file")
 BAD_SHARD, BAD_LAYOUT = "bad_shard", "bad_layout"
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 MAX_UNDECODABLE_IN_A_ROW = 1000
 MAX_SHARDS_CHECKED = 10_000  # local shards whose existence is checked at the start
+RECORDS_CHECKED = 100  # local latent shards whose records are checked: a set is made with one command
 # The arrays of a latent shard's sample (scripts/precompute_latents.py writes them).
 MOMENTS_KEY, PROMPT_EMBEDS_KEY = "moments.npy", "prompt_embeds.npy"
 
@@ -84,7 +86,8 @@ class DataStats(collections.Counter):
         return ", ".join(f"{reason} {count}" for reason, count in sorted(self.items()) if count)
 
     def report(self) -> str:
-        shards_part = f", {shards(self.bad_shards())} not read to the end" if self.bad_shards() else ""
+        readings = self.bad_shards()
+        shards_part = f", {readings} shard reading{'' if readings == 1 else 's'} stopped short" if readings else ""
         return f"{self.skipped()} samples skipped, {self.repaired()} repaired{shards_part} ({self.summary() or 'no reasons'})"
 
     def summed_over_processes(self) -> "DataStats":
@@ -112,7 +115,7 @@ def train_shard_urls(args) -> list:
     if not args.train_latents_path_or_url:
         return checked_shard_urls(args.train_shards_path_or_url, "--train_shards_path_or_url")
     urls = checked_shard_urls(args.train_latents_path_or_url, "--train_latents_path_or_url")
-    warn_of_other_models(args, [path for path in local_paths(urls)[:MAX_SHARDS_CHECKED] if os.path.exists(path)])
+    warn_of_other_models(args, local_paths(urls)[:RECORDS_CHECKED])
     return urls
 
 
@@ -298,29 +301,38 @@ def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: 
 
 
 class ShardErrors:
-    """Counts the shards whose reading stopped short into ``stats`` and names each in the log once
-    (a token in its URL masked): ``bad_shard`` for one whose stream could not be opened or read to
-    its end, ``bad_layout`` for one whose files webdataset cannot group (``LayoutError``). Only
-    the former, counted in ``stream_failures``, may be mended by reading the shard again (a
-    connection dropped). No failure is counted while ``counting`` is off: a shard's samples read
-    before, read again to reach a position. ``bad_layouts`` holds the shards of the latter."""
+    """What reading shards meets, counted into ``stats``: readings that stopped short, each shard
+    named in the log once (a token in its URL masked), as ``bad_shard`` where the stream could not
+    be opened or read to its end and ``bad_layout`` where its files cannot be grouped
+    (``LayoutError``), and files a sample holds twice (``duplicate_file``). Only stream failures,
+    also counted in ``stream_failures``, may be mended by reading the shard again (a connection
+    dropped); ``layout_failures`` counts the others.
+
+    A shard read again up to a position (``count_from``, the first sample not read before) meets
+    again what was counted when its samples were read before: ``samples_given`` (how many the
+    reading has given, kept by ``tar_samples``) tells what was. A failure where none is new is
+    the one that ended the reading before, or one met on the way to the position."""
 
     def __init__(self, stats: DataStats):
-        self.stats, self.reported, self.bad_layouts = stats, set(), set()
-        self.counting, self.stream_failures = True, 0
+        self.stats, self.reported = stats, set()
+        self.stream_failures, self.layout_failures = 0, 0
+        self.count_from, self.samples_given = 0, 0
 
     def __call__(self, error: Exception, url: str) -> None:
         reason = BAD_LAYOUT if isinstance(error, LayoutError) else BAD_SHARD
         self.stream_failures += reason == BAD_SHARD
-        if reason == BAD_LAYOUT:
-            self.bad_layouts.add(url)
-        if self.counting:
+        self.layout_failures += reason == BAD_LAYOUT
+        if self.count_from == 0 or self.samples_given > self.count_from:
             self.stats[reason] += 1
         if url not in self.reported:
             self.reported.add(url)
             # The URL may be a gated dataset's curl command with its token.
-            logger.warning(redact_tokens(f"could not read the shard {url} to its end, counted as {reason}: "
+            logger.warning(redact_tokens(f"could not read the shard {url} to its end ({reason}): "
                                          f"{type(error).__name__}: {error}"), extra=PER_PROCESS)
+
+    def duplicate_file(self) -> None:
+        if self.samples_given >= self.count_from:  # in a sample not read before
+            self.stats["duplicate_file"] += 1
 
 
 def tar_samples(urls, stats: DataStats, errors: ShardErrors = None):
@@ -329,7 +341,11 @@ def tar_samples(urls, stats: DataStats, errors: ShardErrors = None):
     on with the next one."""
     errors = errors or ShardErrors(stats)
     for url in urls:
-        yield from shard_samples(url, stats, on_failure=lambda error, url=url: errors(error, url))
+        errors.samples_given = 0
+        for sample in shard_samples(url, on_failure=lambda error, url=url: errors(error, url),
+                                    on_duplicate=errors.duplicate_file):
+            yield sample
+            errors.samples_given += 1
 
 
 def shuffled(samples, buffer_size: int, rng: random.Random, count: int):
@@ -459,8 +475,9 @@ class ShardReader:
       went away (a server down), and the stream stops rather than spinning;
     - samples that fail to decode (``decoded_samples``' run), before any has decoded, once every
       shard (or 64) has been opened: one shard of error pages saved as JPEGs is not dead data;
-    - once every shard (or 64) has shown a layout webdataset cannot group (``splam.tar_shards``),
-      whatever samples they gave before it showed.
+    - once as many shards in a row as the pool holds (or 64) have shown a layout webdataset cannot
+      group (``splam.tar_shards``), whatever samples they gave before it showed; a shard read
+      whole in between counts afresh.
 
     A reader that gives up on its own share reads from all shards for the rest of the segment,
     with a warning (a few corrupt shards that make up one reader's share must not stop a run), and
@@ -495,6 +512,7 @@ class ShardReader:
     def restart(self):
         self.tried = set()  # distinct shards opened since the last usable sample
         self.unusable_openings = 0
+        self.bad_layouts_in_a_row = 0  # shards whose reading stopped at a layout, none read whole between
 
     def all_tried(self, shards: set) -> bool:
         return len(shards) >= min(len(self.pool), self.MAX_DISTINCT)
@@ -517,23 +535,22 @@ class ShardReader:
                     else self.all_tried(self.tried)):
                 self.give_up(f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row")
                 continue
-            if self.all_tried(self.errors.bad_layouts):  # the few samples read before that showed are no data set
-                self.give_up(f"{shards(len(self.errors.bad_layouts))} whose files webdataset cannot group into samples "
-                             "(the log says why)")
+            if self.bad_layouts_in_a_row >= min(len(self.pool), self.MAX_DISTINCT):
+                # The few samples each gave before its layout showed are no data set to train on.
+                self.give_up(f"{shards(self.bad_layouts_in_a_row)} in a row whose files webdataset cannot group into "
+                             "samples (the log says why)")
                 continue
             url = order[self.position["shard"]]
             if self.position["sample"] == 0:  # not a shard opened again mid-way (a resume), as the uninterrupted run did not
                 self.opened.add(url)
                 self.tried.add(url)
                 self.unusable_openings += 1
+            first_sample, layout_failures = self.position["sample"], self.errors.layout_failures
             for _ in range(self.MAX_OPENINGS_OF_A_SHARD):
                 failures, reading_from = self.errors.stream_failures, self.position["sample"]
-                # Errors before the first new sample were counted when it was read before (and a
-                # reopened shard failing there again gives nothing new).
-                self.errors.counting = reading_from == 0
+                self.errors.count_from = reading_from
                 for index, sample in enumerate(tar_samples([url], self.stats, self.errors)):
                     if index >= reading_from:
-                        self.errors.counting = True
                         self.position["sample"] = index + 1
                         yield sample
                         if self.position["pool"] != pool:  # given up on while the samples decoded
@@ -543,8 +560,12 @@ class ShardReader:
                 if (self.position["pool"] != pool or self.errors.stream_failures == failures
                         or self.position["sample"] == reading_from):
                     break
-            self.errors.counting = True
+            self.errors.count_from = 0
             if self.position["pool"] == pool:
+                if self.errors.layout_failures > layout_failures:
+                    self.bad_layouts_in_a_row += 1
+                elif self.position["sample"] > first_sample:
+                    self.bad_layouts_in_a_row = 0
                 self.position.update(shard=self.position["shard"] + 1, sample=0)
 
     def found_usable(self):
@@ -567,7 +588,7 @@ class ShardReader:
             self.opened = set()
             self.restart()
             return
-        raise DataError(f"{reason}, reading from {shards(len(self.pool))} (skipped so far: "
+        raise DataError(f"{reason}, reading from {shards(len(self.pool))} (counted so far: "
                         f"{self.stats.summary() or 'nothing'}); check {self.samples.flag}")
 
 

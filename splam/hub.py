@@ -66,7 +66,8 @@ class HubPublisher:
         for path in checkpoint_paths:
             step = checkpoint_step(path)
             if f"step-{step}" not in on_hub:
-                logger.info(f"{path} is not on the Hub (the run that saved it stopped before its upload): uploading it")
+                logger.info(f"{path} is not on the Hub (its run stopped before uploading it, or ran without "
+                            "--push_checkpoints): uploading it")
                 self.uploads[step] = self.start_checkpoint_upload(path, step, retried=False)
 
     def retry_failed(self) -> None:

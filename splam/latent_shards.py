@@ -44,17 +44,17 @@ def changed_settings(record: dict, settings: dict) -> list:
 
 
 def warn_of_other_models(args, local_shards) -> None:
-    """Warn where the records of ``local_shards`` (local paths of latent shards; a shard without one
-    is not checked) name another teacher, VAE, revision or resolution than this run's. A warning,
-    not a refusal: a teacher's name on the Hub and its downloaded folder are two spellings of one
-    model that only its files could tell apart."""
+    """Warn where the records of ``local_shards`` (local paths of latent shards; those without a
+    record are not checked) name another teacher, VAE, revision or resolution than this run's. A
+    warning, not a refusal: a teacher's name on the Hub and its downloaded folder are two
+    spellings of one model that only its files could tell apart."""
     settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
-    others = [(path, changes) for path in local_shards
-              for changes in [changed_settings(read_record(path) or settings, settings)] if changes]
+    records = {path: record for path in local_shards for record in [read_record(path)] if record is not None}
+    others = {path: changes for path, record in records.items() for changes in [changed_settings(record, settings)]
+              if changes}
     if others:
-        path, changes = others[0]
-        recorded = read_record(path)
-        logger.warning(f"{len(others)} of the {len(local_shards)} latent shards checked were made with another "
-                       + ", ".join(f"{name} ({recorded.get(name)}, this run {settings[name]})" for name in changes)
+        path, changes = next(iter(others.items()))
+        logger.warning(f"{len(others)} of the {len(records)} latent shards with a record checked were made with another "
+                       + ", ".join(f"{name} ({records[path].get(name)}, this run {settings[name]})" for name in changes)
                        + f" (first: {path}): their latents and prompt embeddings come from other models than the "
                        "teacher this run distils, unless these name the same one")

@@ -20,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
-from .args import SetupError
+from .args import SetupError, build_parser
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def configure_deepspeed(accelerator, args) -> None:
     """Under DeepSpeed, hand its engine the flags' values of what it reads from its config: the
     batch sizes (accelerate derives them from a prepared dataloader, and the shard stream is not
     one), the accumulation steps and the clipping norm (the engine clips inside its step), saying
-    so where the config sets them otherwise; refuse a config that brings an optimizer or lr
-    schedule of its own."""
+    so where the config sets them otherwise and the flag was left at its default (a value meant
+    for the engine, lost); refuse a config that brings an optimizer or lr schedule of its own."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -58,10 +58,12 @@ def configure_deepspeed(accelerator, args) -> None:
         if section in config:
             # Its engine would step its own alongside this script's, which the flags set.
             raise SetupError(f"remove the {section!r} section from the DeepSpeed config: set it with {flags}")
-    for key, flag, value in (("gradient_accumulation_steps", "--gradient_accumulation_steps", args.gradient_accumulation_steps),
-                             ("gradient_clipping", "--max_grad_norm", args.max_grad_norm)):
-        if config.get(key, "auto") not in ("auto", value):
-            logger.warning(f"the DeepSpeed config's {key}: {config[key]} gives way to {flag}={value}: set {flag} instead")
+    defaults = build_parser()
+    for key, name in (("gradient_accumulation_steps", "gradient_accumulation_steps"), ("gradient_clipping", "max_grad_norm")):
+        value = getattr(args, name)
+        if config.get(key, "auto") not in ("auto", value) and value == defaults.get_default(name):
+            logger.warning(f"the DeepSpeed config's {key}: {config[key]} is replaced by --{name}, left at its default "
+                           f"{value}: pass --{name}={config[key]} for the config's")
     config.update(
         train_micro_batch_size_per_gpu=args.train_batch_size,
         train_batch_size=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,

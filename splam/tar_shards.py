@@ -25,8 +25,6 @@ from webdataset.gopen import gopen
 MAX_FILES_PER_SAMPLE = 64
 # webdataset's metadata files, which are not samples.
 METADATA = re.compile(r"__[^/]*__($|/)")
-# Counted in the stats: a sample holding one of its files twice keeps the first.
-DUPLICATE_FILE = "duplicate_file"
 
 
 class CutShort(tarfile.ReadError):
@@ -65,7 +63,8 @@ def tar_files(stream):
 
 def key_and_extension(name: str):
     """``(key, extension)`` as webdataset splits a file name, the extension lower-cased; ``None``
-    for a name without a dot in its base name, or starting with one, which no sample takes."""
+    for a name without a dot in its base name, which no sample takes, or starting with one (a
+    hidden file, which webdataset files under its folder's name as the key)."""
     folder, _, base = name.rpartition("/")
     stem, dot, extension = base.partition(".")
     if not dot or not stem:
@@ -73,13 +72,14 @@ def key_and_extension(name: str):
     return f"{folder}/{stem}" if folder else stem, extension.lower()
 
 
-def grouped_samples(files, url: str, stats, on_failure):
-    """Raw samples of ``(name, bytes)`` files: consecutive files with one key make one sample.
-    Where ``files`` fail (the stream), or the layout is one webdataset cannot group, reading stops
-    after ``on_failure(error)`` is told. Such a layout (``LayoutError``): a key that comes back
-    with a file its earlier run lacked, a sample's files apart (a key that comes back with the
-    same files is a sample written twice, and read so), or a sample of over
-    ``MAX_FILES_PER_SAMPLE`` files (names with dots in the key)."""
+def grouped_samples(files, url: str, on_failure, on_duplicate):
+    """Raw samples of ``(name, bytes)`` files: consecutive files with one key make one sample; a
+    file a sample already holds is left out, after ``on_duplicate()``. Where ``files`` fail (the
+    stream), or the layout is one webdataset cannot group, reading stops after
+    ``on_failure(error)`` is told. Such a layout (``LayoutError``): a key that comes back with a
+    file its earlier run lacked, a sample's files apart (a key that comes back with the same
+    files is a sample written twice, and read so), or a sample of over ``MAX_FILES_PER_SAMPLE``
+    files (names with dots in the key)."""
     earlier_runs = {}  # key -> the extensions of its earlier run in this shard
     layouts = {}  # each set of extensions once: most samples of a shard have the same
     sample, files = None, iter(files)
@@ -106,7 +106,7 @@ def grouped_samples(files, url: str, stats, on_failure):
                 yield sample
             sample = {"__key__": key, "__url__": url}
         if extension in sample:
-            stats[DUPLICATE_FILE] += 1
+            on_duplicate()
             continue
         if extension not in earlier_runs.get(key, (extension,)):
             on_failure(LayoutError(
@@ -125,19 +125,23 @@ def grouped_samples(files, url: str, stats, on_failure):
         yield sample
 
 
-def shard_samples(url: str, stats, on_failure):
-    """The raw samples of the shard at ``url`` (a path, a URL or a ``pipe:`` command), in order, up
-    to where its stream cannot be opened or read to its end (``CutShort`` among others) or its
-    layout cannot be grouped (``LayoutError``): there ``on_failure(error)`` is told, before the
-    sample being read, as far as it was read."""
+def shard_samples(url: str, on_failure, on_duplicate):
+    """The raw samples of the shard at ``url`` (a path, a URL or a ``pipe:`` command), in order
+    (``grouped_samples``), up to where its stream cannot be opened or read to its end (``CutShort``
+    among others) or its layout cannot be grouped (``LayoutError``): there ``on_failure(error)``
+    is told, and after a failed stream the sample being read comes as far as it was read."""
     try:
         stream = gopen(url)
     except Exception as error:  # noqa: BLE001 - a missing file, a command that cannot start
         on_failure(error)
         return
     try:
-        yield from grouped_samples(tar_files(stream), url, stats, on_failure)
+        yield from grouped_samples(tar_files(stream), url, on_failure, on_duplicate)
     finally:
-        # A pipe: command stopped early exits with SIGPIPE, which webdataset reports on closing.
-        with contextlib.suppress(OSError):
+        # A pipe: command left early (a layout error, a reader moving on) may be waiting on its
+        # network rather than writing into the closed pipe, and closing waits for it to exit.
+        process = getattr(stream, "proc", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+        with contextlib.suppress(OSError):  # webdataset reports the command's exit status on closing
             stream.close()

@@ -22,6 +22,7 @@ from splam.data import (
     ImageTextSamples,
     ImageTransform,
     LatentSamples,
+    ShardReader,
     ShardStream,
     captioned_images,
     decoded_images,
@@ -75,7 +76,9 @@ def test_expand_shard_urls_braces_lists_and_pipes():
 
 def test_a_local_pattern_that_matches_nothing_is_refused(tmp_path, tiny_shards):
     def urls(images=None, latents=None):
-        return train_shard_urls(argparse.Namespace(train_shards_path_or_url=images, train_latents_path_or_url=latents))
+        return train_shard_urls(argparse.Namespace(
+            train_shards_path_or_url=images, train_latents_path_or_url=latents, pretrained_teacher_model="teacher",
+            pretrained_vae_model_name_or_path=None, teacher_revision=None, resolution=64))
 
     with pytest.raises(SetupError, match="--train_shards_path_or_url matches no file"):
         urls(images=f"{tmp_path}/missing-{{000..003}}.tar")
@@ -236,7 +239,7 @@ def test_a_truncated_tar_keeps_its_complete_samples_and_counts_the_shard(tmp_pat
     # the whole one follows intact.
     assert [caption for _, caption in decoded] == ["c0", "c1", "c2"] + [f"c{i}" for i in range(6)]
     assert stats["bad_shard"] == 3 and stats.bad_shards() == 3 and stats.skipped() == 0
-    assert stats.report().startswith("0 samples skipped, 0 repaired, 3 shards not read to the end")
+    assert stats.report().startswith("0 samples skipped, 0 repaired, 3 shard readings stopped short")
 
 
 def write_files(path, files):
@@ -277,6 +280,18 @@ def test_a_sample_written_twice_and_files_written_twice_are_read(tmp_path):
     assert stats["duplicate_file"] == 1 and stats.bad_shards() == 0
 
 
+def test_a_file_twice_is_not_counted_again_when_its_shard_is_read_again_to_a_position(tmp_path):
+    """A resumed reader reads its shard again up to its position: what it met there was counted
+    before the checkpoint."""
+    shard = write_files(tmp_path / "twice.tar", [
+        ("a.jpg", b"1"), ("a.txt", b"a"), ("a.txt", b"again"), ("b.jpg", b"2"), ("b.txt", b"b"), ("b.txt", b"again"),
+    ])
+    position = {"pool": "own", "pass": 0, "shard": 0, "sample": 1}
+    reader = ShardReader([shard], [shard], seed=0, reader=0, samples=None, position=position)
+    assert next(iter(reader))["__key__"] == "b"
+    assert reader.stats["duplicate_file"] == 1  # b's, not a's again
+
+
 def test_names_with_dots_in_the_key_are_left_without_reading_the_shard_into_one_sample(tmp_path, caplog):
     """``coco.train.000001.jpg`` has webdataset's key ``coco``: every file of the shard would join one
     sample, held in memory whole. Past 64 files the shard is left, with the reason."""
@@ -296,9 +311,25 @@ def test_a_stream_of_shards_whose_files_are_apart_stops_with_a_message(tmp_path,
         images = [(f"k{i}.jpg", jpeg_bytes("gray")) for i in range(4)]
         captions = [(f"k{i}.txt", b"caption") for i in range(4)]
         shards.append(write_files(tmp_path / f"{index}.tar", [images[0], captions[0], *images[1:], *captions[1:]]))
-    with pytest.raises(DataError, match="3 shards whose files webdataset cannot group into samples"):
+    with pytest.raises(DataError, match="3 shards in a row whose files webdataset cannot group into samples"):
         for _ in shard_stream(shards, tokenizer, batch_size=1, batches_per_segment=100):
             pass
+
+
+def test_shards_whose_files_are_apart_among_good_ones_do_not_stop_the_stream(tmp_path, tokenizer, monkeypatch):
+    """Only such shards in a row stop it: the bad ones met over a run, however few among good ones,
+    stopped it once they were as many as 64 (here 2)."""
+    monkeypatch.setattr(ShardReader, "MAX_DISTINCT", 2)
+    monkeypatch.setattr(ShardReader, "shard_order", lambda reader: list(reader.pool))  # bad, good, bad, good
+    shards = []
+    for index in range(4):
+        images = [(f"k{i}.jpg", jpeg_bytes("gray")) for i in range(3)]
+        captions = [(f"k{i}.txt", b"caption") for i in range(3)]
+        order = [images[0], captions[0], *images[1:], *captions[1:]] if index % 2 == 0 else [
+            file for pair in zip(images, captions) for file in pair]
+        shards.append(write_files(tmp_path / f"{index}.tar", order))
+    batches = list(shard_stream(shards, tokenizer, batch_size=1, batches_per_segment=3 * (1 + 3 + 1 + 3)))
+    assert sum(stats["bad_layout"] for _, _, stats, _ in batches) == 2 * 3  # 3 passes
 
 
 def test_long_captions_are_truncated_and_counted(tokenizer):

@@ -166,7 +166,7 @@ def test_two_processes_train_checkpoint_and_resume(tiny_teacher, tiny_shards, tm
     assert bad_shards >= 4  # in each of the 2 segments both shards of its own share, before it falls back
     assert logged_scalars(output_dir, "data/bad_shards")[0][4] == bad_shards
     assert logged_scalars(output_dir, "data/skipped")[0][4] == 0
-    assert f"Data in all: 0 samples skipped, 0 repaired, {bad_shards} shards not read to the end" in first.stderr
+    assert f"Data in all: 0 samples skipped, 0 repaired, {bad_shards} shard readings stopped short" in first.stderr
 
     second = torchrun(tiny_teacher, shards, output_dir, "--max_train_steps=6", *flags)
     assert "Resuming from" in second.stderr and "checkpoint-4" in second.stderr
@@ -305,7 +305,8 @@ def test_a_deepspeed_config_with_its_own_optimizer_or_schedule_is_refused(sectio
 
 
 def test_the_deepspeed_configs_accumulation_and_clipping_give_way_to_the_flags_with_a_warning(caplog):
-    """A config's gradient_accumulation_steps: 4 was replaced by the flag's default 1 without a word."""
+    """A config's gradient_accumulation_steps: 4 was replaced by the flag's default 1 without a word. A
+    flag passed (here --max_grad_norm=0.5 over the shipped config's 1.0) needs none."""
     from accelerate.utils import DistributedType
 
     from splam.sharding import configure_deepspeed
@@ -313,10 +314,11 @@ def test_the_deepspeed_configs_accumulation_and_clipping_give_way_to_the_flags_w
     config = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0}
     accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2,
                                         state=types.SimpleNamespace(deepspeed_plugin=types.SimpleNamespace(deepspeed_config=config)))
-    configure_deepspeed(accelerator, types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0))
-    assert "the DeepSpeed config's gradient_accumulation_steps: 4 gives way to --gradient_accumulation_steps=1" in caplog.text
-    assert "gradient_clipping" not in caplog.text  # the same value
-    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 4
+    configure_deepspeed(accelerator, types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=0.5))
+    assert ("the DeepSpeed config's gradient_accumulation_steps: 4 is replaced by --gradient_accumulation_steps, left at "
+            "its default 1: pass --gradient_accumulation_steps=4") in caplog.text
+    assert "gradient_clipping" not in caplog.text
+    assert config["gradient_accumulation_steps"] == 1 and config["train_batch_size"] == 4 and config["gradient_clipping"] == 0.5
 
 
 def test_deepspeed_trains_like_a_plain_run_and_resumes_in_bf16(tiny_teacher, tiny_shards, tmp_path):

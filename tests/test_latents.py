@@ -123,7 +123,7 @@ def test_latents_made_by_another_teacher_are_named_in_the_log(latent_shards, tin
 
     assert len(urls(tiny_teacher + "/")) == 3 and "made with another" not in caplog.text
     urls(str(tmp_path))
-    assert (f"3 of the 3 latent shards checked were made with another pretrained_teacher_model ({tiny_teacher}, "
+    assert (f"3 of the 3 latent shards with a record checked were made with another pretrained_teacher_model ({tiny_teacher}, "
             f"this run {tmp_path})") in caplog.text
     urls(tiny_teacher, resolution=2 * RESOLUTION)
     assert f"another resolution ({RESOLUTION}, this run {2 * RESOLUTION})" in caplog.text

@@ -662,7 +662,7 @@ def test_a_stream_with_nothing_usable_stops_with_one_line(tiny_teacher, tmp_path
     result = run_script(*training_command(tiny_teacher, str(shard), str(tmp_path / "run"), "--max_train_steps=2"), timeout=300)
     assert result.returncode != 0
     assert ("error: no captioned image (.jpg, .jpeg, .png, .webp with .txt, .text, .caption) in 1 shard in a row, "
-            "reading from 1 shard (skipped so far: no_image 5)") in result.stderr
+            "reading from 1 shard (counted so far: no_image 5)") in result.stderr
 
 
 def hidden_packages_env(tmp_path, *packages):
