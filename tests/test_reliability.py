@@ -353,35 +353,33 @@ def test_a_relaunch_resuming_from_another_folder_after_checkpoints_there_says_to
         check_no_newer_checkpoints(str(output_dir), str(resumed_from), 4)
 
 
-def test_a_resume_past_a_lowered_max_train_steps_is_refused(tiny_teacher, tiny_shards, tmp_path):
-    """A relaunch with --max_train_steps below the checkpoint's step trained nothing and exported the
-    checkpoint's longer-trained model as this run's, under a warning that the schedule was reshaped."""
-    output_dir = str(tmp_path / "run")
-    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=2", "--report_to=none")
-    shutil.rmtree(os.path.join(output_dir, "unet"))
-    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
-                                          "--resume_from_checkpoint=latest"))
+def refusal(result) -> str:
+    """The one ``error:`` line of a run that stopped."""
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
-    assert f"{output_dir}/checkpoint-2 is at step 2, past --max_train_steps=1" in errors[0]
+    return errors[0]
+
+
+def test_relaunches_of_a_finished_run(tiny_teacher, tiny_shards, tmp_path):
+    """A relaunch with --max_train_steps below the checkpoint's step trained nothing and exported the
+    checkpoint's longer-trained model as this run's, under a warning that the schedule was reshaped.
+    Checkpoints were rotated only when one was saved: a relaunch at the last step (export only) with
+    --checkpoints_total_limit lowered left them all. And a new run where a finished one left its
+    pipeline and no checkpoint replaced that pipeline."""
+    output_dir = str(tmp_path / "run")
+    flags = ["--checkpointing_steps=1", "--report_to=none", "--resume_from_checkpoint=latest"]
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", *flags)
+    shutil.rmtree(os.path.join(output_dir, "unet"))
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1", *flags))
+    assert f"{output_dir}/checkpoint-2 is at step 2, past --max_train_steps=1" in refusal(result)
     assert "Loading weights" not in result.stderr and not os.path.exists(os.path.join(output_dir, "unet"))
 
-
-def test_a_relaunch_that_only_exports_keeps_a_lowered_checkpoint_limit(tiny_teacher, tiny_shards, tmp_path):
-    """Checkpoints were rotated only when one was saved: a relaunch at the last step (export only)
-    with --checkpoints_total_limit lowered left them all. Without checkpoints, a new run is refused
-    before it loads anything rather than replace the pipeline."""
-    output_dir = str(tmp_path / "run")
-    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=1", "--report_to=none")
-    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", "--checkpointing_steps=1", "--report_to=none",
-           "--resume_from_checkpoint=latest", "--checkpoints_total_limit=1")
+    launch(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", *flags, "--checkpoints_total_limit=1")
     assert sorted(name for name in os.listdir(output_dir) if "checkpoint" in name) == ["checkpoint-2"]
+
     shutil.rmtree(os.path.join(output_dir, "checkpoint-2"))
-    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2",
-                                          "--resume_from_checkpoint=latest"))
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
-    assert f"{output_dir} holds the distilled pipeline of an earlier run" in errors[0]
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=2", *flags))
+    assert f"{output_dir} holds the distilled pipeline of an earlier run" in refusal(result)
     assert "Loading weights" not in result.stderr and os.path.isfile(os.path.join(output_dir, "model_index.json"))
 
 
