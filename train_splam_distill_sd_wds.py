@@ -47,7 +47,8 @@ from splam.checkpoints import (
     save_checkpoint,
 )
 from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
-                        resumed_reading_positions, train_batches, train_shard_urls, training_samples)
+                        readers_of_process, resumed_reading_positions, train_batches, train_shard_urls,
+                        training_samples)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -323,10 +324,10 @@ def main(args):
         pin_memory=accelerator.device.type == "cuda",
     )
     # Where this process's readers read on: a checkpoint gathers them all.
-    workers = max(1, args.dataloader_num_workers)
-    reading_positions = {reader: position for reader, position in positions.items() if reader // workers == accelerator.process_index}
+    own_readers = readers_of_process(accelerator.process_index, args.dataloader_num_workers)
+    reading_positions = {reader: position for reader, position in positions.items() if reader in own_readers}
 
-    readers = accelerator.num_processes * workers
+    readers = accelerator.num_processes * len(own_readers)
     if len(shard_urls) < readers:
         logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each reads from all "
                        "shards, so some samples may be read by more than one")

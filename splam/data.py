@@ -523,50 +523,59 @@ class ShardReader:
         return order
 
     def __iter__(self):
-        """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on. A shard
-        is read again up to ``position``'s sample only where this iteration starts (a resume) or
-        where its stream failed mid-way (opened again, up to 10 times in all)."""
+        """The raw samples (dicts of bytes by extension), endlessly, from ``position`` on."""
         while True:
-            pool, order = self.position["pool"], self.shard_order()
+            order = self.shard_order()
             if self.position["shard"] >= len(order):
                 self.position.update({"pass": self.position["pass"] + 1, "shard": 0, "sample": 0})
-                continue
-            if (self.unusable_openings >= self.OPENINGS_PER_SHARD * len(self.pool) if self.usable_seen
-                    else self.all_tried(self.tried)):
-                self.give_up(f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row")
-                continue
-            if self.bad_layouts_in_a_row >= min(len(self.pool), self.MAX_DISTINCT):
-                # The few samples each gave before its layout showed are no data set to train on.
-                self.give_up(f"{shards(self.bad_layouts_in_a_row)} in a row whose files webdataset cannot group into "
-                             "samples (the log says why)")
-                continue
-            url = order[self.position["shard"]]
-            if self.position["sample"] == 0:  # not a shard opened again mid-way (a resume), as the uninterrupted run did not
-                self.opened.add(url)
-                self.tried.add(url)
-                self.unusable_openings += 1
-            first_sample, layout_failures = self.position["sample"], self.errors.layout_failures
-            for _ in range(self.MAX_OPENINGS_OF_A_SHARD):
-                failures, reading_from = self.errors.stream_failures, self.position["sample"]
-                self.errors.count_from = reading_from
-                for index, sample in enumerate(tar_samples([url], self.stats, self.errors)):
-                    if index >= reading_from:
-                        self.position["sample"] = index + 1
-                        yield sample
-                        if self.position["pool"] != pool:  # given up on while the samples decoded
-                            break
-                # A shard held open for long (over checkpoints and validations) may fail mid-way, a
-                # connection dropped: it is opened again to read on, until it fails giving nothing new.
-                if (self.position["pool"] != pool or self.errors.stream_failures == failures
-                        or self.position["sample"] == reading_from):
-                    break
-            self.errors.count_from = 0
-            if self.position["pool"] == pool:
-                if self.errors.layout_failures > layout_failures:
-                    self.bad_layouts_in_a_row += 1
-                elif self.position["sample"] > first_sample:
-                    self.bad_layouts_in_a_row = 0
-                self.position.update(shard=self.position["shard"] + 1, sample=0)
+            elif (reason := self.dead_pool()) is not None:
+                self.give_up(reason)
+            else:
+                yield from self.read_shard(order[self.position["shard"]])
+
+    def dead_pool(self):
+        """Why the pool holds nothing usable, or ``None`` while it may."""
+        if (self.unusable_openings >= self.OPENINGS_PER_SHARD * len(self.pool) if self.usable_seen
+                else self.all_tried(self.tried)):
+            return f"no {self.samples.usable} in {shards(self.unusable_openings)} in a row"
+        if self.bad_layouts_in_a_row >= min(len(self.pool), self.MAX_DISTINCT):
+            # The few samples each gave before its layout showed are no data set to train on.
+            return (f"{shards(self.bad_layouts_in_a_row)} in a row whose files webdataset cannot group into samples "
+                    "(the log says why)")
+        return None
+
+    def read_shard(self, url: str):
+        """The samples of ``url`` from ``position``'s on, and ``position`` then at the next shard,
+        unless the reader gave up on its pool meanwhile. A shard is read again up to ``position``'s
+        sample only where a resume starts in it or where its stream failed mid-way (opened again,
+        up to 10 times in all)."""
+        pool, first_sample, layout_failures = self.position["pool"], self.position["sample"], self.errors.layout_failures
+        if first_sample == 0:  # not a shard opened again mid-way (a resume), as the uninterrupted run did not
+            self.opened.add(url)
+            self.tried.add(url)
+            self.unusable_openings += 1
+        for _ in range(self.MAX_OPENINGS_OF_A_SHARD):
+            failures, reading_from = self.errors.stream_failures, self.position["sample"]
+            self.errors.count_from = reading_from
+            for index, sample in enumerate(tar_samples([url], self.stats, self.errors)):
+                if index >= reading_from:
+                    self.position["sample"] = index + 1
+                    yield sample
+                    if self.position["pool"] != pool:  # given up on while the samples decoded
+                        break
+            # A shard held open for long (over checkpoints and validations) may fail mid-way, a
+            # connection dropped: it is opened again to read on, until it fails giving nothing new.
+            if (self.position["pool"] != pool or self.errors.stream_failures == failures
+                    or self.position["sample"] == reading_from):
+                break
+        self.errors.count_from = 0
+        if self.position["pool"] != pool:
+            return
+        if self.errors.layout_failures > layout_failures:
+            self.bad_layouts_in_a_row += 1
+        elif self.position["sample"] > first_sample:
+            self.bad_layouts_in_a_row = 0
+        self.position.update(shard=self.position["shard"] + 1, sample=0)
 
     def found_usable(self):
         self.tried.clear()
@@ -630,7 +639,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.segments_read += 1
         if self.reader is None:
             readers = self.num_processes * num_workers
-            reader_index = self.process_index * num_workers + worker
+            reader_index = readers_of_process(self.process_index, num_workers)[worker]
             own_urls = self.urls[reader_index::readers] if len(self.urls) >= readers else self.urls
             self.reader = ShardReader(own_urls, self.urls, self.seed, reader_index, self.samples,
                                       self.positions.get(reader_index))
@@ -652,6 +661,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             batch = [next(decoded) for _ in range(self.batch_size)]
             yield *self.samples.collate(batch, stats), DataStats(stats), (reader.reader, dict(reader.position))
             stats.clear()
+
+
+def readers_of_process(process_index: int, num_workers: int) -> range:
+    """The indices of a process's readers, one per loader worker (one where it has none)."""
+    workers = max(1, num_workers)
+    return range(process_index * workers, (process_index + 1) * workers)
 
 
 # The settings of the data stream (the training script's ``data_stream``) that fix its readers, their
