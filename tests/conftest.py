@@ -5,8 +5,11 @@ import concurrent.futures
 import glob
 import io
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +22,20 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 RESOLUTION = 64
 
 
+def free_disk_gib() -> float:
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+FREE_DISK_GIB_AT_START = free_disk_gib()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # A full disk fails launched runs in many ways at once (some only after their timeout): the
+    # closing lines say whether it was full.
+    terminalreporter.write_line(f"free disk space in {tempfile.gettempdir()}: {FREE_DISK_GIB_AT_START:.1f} GiB "
+                                f"at the start, {free_disk_gib():.1f} GiB at the end")
+
+
 def npy(array) -> bytes:
     """``array`` as the bytes of a ``.npy`` file, as latent shards store them."""
     buffer = io.BytesIO()
@@ -26,11 +43,20 @@ def npy(array) -> bytes:
     return buffer.getvalue()
 
 
-def run_script(*args, env=None, timeout=600):
-    """Run a Python script of the repo in a fresh interpreter; returns the CompletedProcess."""
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def run_script(*args, env=None, timeout=600, preexec_fn=None):
+    """Run a Python script of the repo in a fresh interpreter, in a process group of its own; returns
+    the CompletedProcess. Past ``timeout`` the whole group is killed and the test fails with what the
+    script printed: ``subprocess.run`` kills only the process it started, and its children (the
+    training process under ``accelerate launch``, loader workers) would go on, slowing later tests."""
+    with subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"{' '.join(args)}: still running after {timeout} s\n{stdout[-3000:]}{stderr[-6000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_scripts(*commands, env=None, timeout=600):

@@ -446,6 +446,16 @@ def test_a_row_that_times_out_is_ended_with_the_processes_it_started(tmp_path):
     assert_ended(int((tmp_path / "row.log").read_text()))
 
 
+def test_the_tests_end_a_script_at_its_timeout_with_the_processes_it_started():
+    """``run_script``, which launches the tests' training runs: a run that hangs fails its test at the
+    timeout, and the processes it started end with it rather than slow the tests after it."""
+    started = time.time()
+    with pytest.raises(pytest.fail.Exception, match="still running after 3 s") as failure:
+        run_script("-c", ROW_WITH_A_WORKER, timeout=3)
+    assert time.time() - started < 60
+    assert_ended(int(str(failure.value).splitlines()[1]))
+
+
 def test_a_terminated_figures_script_ends_the_running_row(tmp_path):
     """The row runs in its own process group, which a SIGTERM to the script (timeout, a job
     scheduler) does not reach by itself."""

@@ -505,12 +505,9 @@ def test_a_failed_save_names_the_path_and_keeps_the_previous_checkpoint(tiny_tea
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (optimizer_size // 2, optimizer_size // 2))
 
-    result = subprocess.run(
-        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
-                                           "--checkpointing_steps=2", "--checkpoints_total_limit=1",
-                                           "--resume_from_checkpoint=latest")],
-        cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=600,
-    )
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=4",
+                                          "--checkpointing_steps=2", "--checkpoints_total_limit=1",
+                                          "--resume_from_checkpoint=latest"), preexec_fn=small_disk)
     assert result.returncode != 0
     message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert message and f"could not write the checkpoint {output_dir}/checkpoint-4" in message[0]
@@ -582,11 +579,8 @@ def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
 
-    result = subprocess.run(
-        [sys.executable, *training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
-                                           "--checkpointing_steps=2")],
-        cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=small_disk, timeout=600,
-    )
+    result = run_script(*training_command(tiny_teacher, tiny_shards, output_dir, "--max_train_steps=1",
+                                          "--checkpointing_steps=2"), preexec_fn=small_disk)
     assert result.returncode != 0
     message = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert message and f"could not write the distilled pipeline into {output_dir}" in message[0], result.stderr[-3000:]
