@@ -54,7 +54,7 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     assert by_kind["convolution"] > 0 and by_kind["matrix product"] > 0
     # The profiled step's host time by kind: within the step's time, the convolutions a good part of it.
     seconds_by_kind = figures["profile"]["seconds_by_kind"]
-    assert 0.2 * figures["s_per_step"]["min"] < sum(seconds_by_kind.values()) < 2 * figures["s_per_step"]["max"]
+    assert 0.2 * figures["s_per_step"]["min"] < sum(seconds_by_kind.values()) < 5 * figures["s_per_step"]["max"]
     assert seconds_by_kind["convolution"] > 0.05 * sum(seconds_by_kind.values())
     assert {"attention", "optimizer and EMA", "normalisation"} <= set(seconds_by_kind)
     # Same architecture, one call each (the teacher's twice as wide): under autocast the fp32
@@ -119,14 +119,17 @@ def test_the_compiled_step_is_counted_the_flops_of_the_eager_one(tiny_teacher, m
     The first compiled step, which compiles, is not timed either."""
     from benchmark import measure_step
 
-    compile_seconds = 3
-
     class SlowCompiler(CompileCounter):
-        """Traces, takes its time as a compiler does, then runs eagerly: seconds where inductor
-        takes minutes on a CPU."""
+        """Traces, takes its time as a compiler does, then runs eagerly (seconds where inductor takes
+        minutes on a CPU); notes when each compilation ended."""
+
+        def __init__(self):
+            super().__init__()
+            self.ended = []
 
         def __call__(self, graph, example_inputs):
-            time.sleep(compile_seconds)
+            time.sleep(1)
+            self.ended.append(time.perf_counter())
             return super().__call__(graph, example_inputs)
 
     compilations = SlowCompiler()
@@ -135,10 +138,12 @@ def test_the_compiled_step_is_counted_the_flops_of_the_eager_one(tiny_teacher, m
     options = types.SimpleNamespace(mode="fast", resolution=RESOLUTION, batch_size=2, mixed_precision="no",
                                     warmup=0, steps=2, profile_steps=0)
     compiled = measure_step(options, [], tiny_teacher)
+    timed_steps_began = time.perf_counter() - sum(compiled["times"])  # the timed steps end the measurement
     options.mode = "fast-eager"
     eager = measure_step(options, [], tiny_teacher)
     assert compiled["flops_by_operator"] == eager["flops_by_operator"] and sum(eager["flops_by_operator"].values()) > 0
-    assert max(compiled["times"]) < compile_seconds  # the compilation is not timed, even with --warmup 0
+    # The compilation is not timed, even with --warmup 0 (a comparison of times alone fails on a busy machine).
+    assert compilations.ended and max(compilations.ended) < timed_steps_began
     # Counted under the counter's dispatch mode, a first call would have left the nets uncompiled for good.
     assert compilations.frame_count > 0
     assert compiled["operators"] is None and eager["operators"]["student forward"] > 0
