@@ -48,7 +48,7 @@ from splam.checkpoints import (
 )
 from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
                         readers_of_process, resumed_reading_positions, train_batches, train_shard_urls,
-                        training_samples)
+                        training_samples, unequal_shares)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -327,10 +327,9 @@ def main(args):
     own_readers = readers_of_process(accelerator.process_index, args.dataloader_num_workers)
     reading_positions = {reader: position for reader, position in positions.items() if reader in own_readers}
 
-    readers = accelerator.num_processes * len(own_readers)
-    if len(shard_urls) < readers:
-        logger.warning(f"{len(shard_urls)} shards for {readers} readers (processes x workers): each reads from all "
-                       "shards, so some samples may be read by more than one")
+    share_warning = unequal_shares(len(shard_urls), accelerator.num_processes * len(own_readers))
+    if share_warning:
+        logger.warning(share_warning)
 
     # Stepped once per update taken (take_optimizer_step), not prepared: accelerate would step it
     # once per process, which ties its position to the process count and breaks a resume on another.

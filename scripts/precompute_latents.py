@@ -15,7 +15,9 @@ fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_
 ``--resolution``; other shapes are refused.
 
 Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
-shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees). Each shard is written under a temporary name and renamed
+shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees), or launch the
+script with ``torchrun`` or ``accelerate launch``: its processes are then the jobs, each on its
+local GPU. Each shard is written under a temporary name and renamed
 when complete; a shard that cannot be read to the end, or holds no usable sample, is left out (the
 run then exits with an error naming it), and a rerun skips the shards already there and retries the others.
 
@@ -84,6 +86,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resolution % 8 or not 0 <= args.job_index < args.num_jobs or args.batch_size < 1:
         parser.error("--resolution must be a multiple of 8, 0 <= --job_index < --num_jobs and --batch_size >= 1")
+    processes = int(os.environ.get("WORLD_SIZE", 1))
+    if processes > 1:  # every process of a launcher would otherwise take every shard, on the first GPU
+        if args.num_jobs != 1:
+            parser.error(f"under torchrun or accelerate launch the jobs are its {processes} processes: "
+                         "leave out --num_jobs and --job_index")
+        args.num_jobs, args.job_index = processes, int(os.environ["RANK"])
     return args
 
 
@@ -130,11 +138,15 @@ def shard_record(args, url: str) -> dict:
     return {"input": redact_tokens(url), **{name: getattr(args, name) for name in SETTINGS}}
 
 
+def output_path(args, index: int) -> str:
+    return os.path.join(args.output_dir, f"{index:05d}.tar")
+
+
 def check_earlier_outputs(args, urls) -> None:
     """Refuse to go on where an output shard was made from another input shard or with other
     settings: it would be skipped as done, and the latents mixed."""
     for index, url in enumerate(urls):
-        path = os.path.join(args.output_dir, f"{index:05d}.tar")
+        path = output_path(args, index)
         if same_setting(path, url):
             sys.exit(f"error: {path} is the input shard {url} itself, which would be skipped as encoded: give "
                      "another --output_dir")
@@ -173,8 +185,9 @@ def main(args):
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args, dtype)
     except SetupError as error:
         sys.exit(f"error: {error}")
-    # Jobs started side by side on one machine take its GPUs in turn.
-    device = torch.device(f"cuda:{args.job_index % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    # A launcher's processes take their local GPUs; jobs started side by side on one machine take its GPUs in turn.
+    gpu = int(os.environ.get("LOCAL_RANK", args.job_index))
+    device = torch.device(f"cuda:{gpu % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     text_encoder.to(device)
     vae.to(device)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
@@ -182,7 +195,7 @@ def main(args):
     failed, misgrouped, unusable = [], [], []
     mine = range(args.job_index, len(urls), args.num_jobs)
     for done, index in enumerate(mine, start=1):
-        path = os.path.join(args.output_dir, f"{index:05d}.tar")
+        path = output_path(args, index)
         if os.path.exists(path):
             continue
         rng, shard_stats = random.Random(f"{args.seed}-{index}"), DataStats()
@@ -220,8 +233,14 @@ def main(args):
                       f"{redact_tokens(unusable[0])}); they were not written")
     if errors:
         sys.exit("error: " + "; ".join(errors))
-    print(f"Train with --train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
-          f"--resolution={args.resolution} and the same teacher")
+    training = (f"--train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
+                f"--resolution={args.resolution} and the same teacher")
+    due = [index for index in range(len(urls)) if not os.path.exists(output_path(args, index))]
+    if due:  # the other jobs' shards
+        print(f"This job's shards are done; {len(due)} of the {len(urls)} shards are still due from the other jobs "
+              f"(first: {output_path(args, due[0])}). Once they are written, train with {training}")
+    else:
+        print(f"Train with {training}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from accelerate.utils import gather_object
 from PIL import Image, ImageOps
 
 from .args import SetupError, redact_tokens
-from .latent_shards import warn_of_other_models
+from .latent_shards import check_latent_records
 from .tar_shards import LayoutError, shard_samples
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -115,7 +115,7 @@ def train_shard_urls(args) -> list:
     if not args.train_latents_path_or_url:
         return checked_shard_urls(args.train_shards_path_or_url, "--train_shards_path_or_url")
     urls = checked_shard_urls(args.train_latents_path_or_url, "--train_latents_path_or_url")
-    warn_of_other_models(args, local_paths(urls)[:RECORDS_CHECKED])
+    check_latent_records(args, local_paths(urls)[:RECORDS_CHECKED])
     return urls
 
 
@@ -667,6 +667,22 @@ def readers_of_process(process_index: int, num_workers: int) -> range:
     """The indices of a process's readers, one per loader worker (one where it has none)."""
     workers = max(1, num_workers)
     return range(process_index * workers, (process_index + 1) * workers)
+
+
+def unequal_shares(shards: int, readers: int):
+    """What to warn of where ``readers`` (processes x workers) cannot get equal shares of ``shards``
+    (``None`` where they do): every reader gives as many samples per step, so a reader with fewer
+    shards goes round its own more often, and their samples come round more often than others'."""
+    if shards < readers:
+        return (f"{shards} shards for {readers} readers (processes x workers): each reads from all shards, so some "
+                "samples may be read by more than one")
+    if shards % readers:
+        fewer = shards // readers
+        return (f"{shards} shards for {readers} readers (processes x workers): {readers - shards % readers} readers have "
+                f"{fewer} shards and the others {fewer + 1}, and all give samples equally fast, so the samples of the "
+                f"smaller shares come round up to {(fewer + 1) / fewer:.2f} times as often; a multiple of {readers} "
+                "shards of about equal size reads all samples alike")
+    return None
 
 
 # The settings of the data stream (the training script's ``data_stream``) that fix its readers, their

@@ -7,13 +7,15 @@ import json
 import logging
 import os
 
+from .args import SetupError
+
 logger = logging.getLogger(__name__)
 
 # The flags of scripts/precompute_latents.py that shape the stored arrays.
 SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution",
             "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
-# Those that training shares: the VAE and text encoder that made the arrays, and their size.
-MODEL_SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution")
+# Those that name the VAE and text encoder that made the arrays: a training run's are warned of.
+MODEL_SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision")
 
 
 def record_path(shard_path: str) -> str:
@@ -43,13 +45,19 @@ def changed_settings(record: dict, settings: dict) -> list:
     return [name for name, value in settings.items() if not same_setting(record.get(name), value)]
 
 
-def warn_of_other_models(args, local_shards) -> None:
-    """Warn where the records of ``local_shards`` (local paths of latent shards; those without a
-    record are not checked) name another teacher, VAE, revision or resolution than this run's. A
-    warning, not a refusal: a teacher's name on the Hub and its downloaded folder are two
-    spellings of one model that only its files could tell apart."""
-    settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
+def check_latent_records(args, local_shards) -> None:
+    """Compare the records of ``local_shards`` (local paths of latent shards; those without a record
+    are not checked) with this run. Latents of another ``--resolution`` are refused (``SetupError``):
+    a reader would stop the run at the first of them, maybe hours in. Another teacher, VAE or revision
+    is a warning: a teacher's name on the Hub and its downloaded folder are two spellings of one
+    model that only its files could tell apart."""
     records = {path: record for path in local_shards for record in [read_record(path)] if record is not None}
+    resized = [path for path, record in records.items() if record.get("resolution") != args.resolution]
+    if resized:
+        raise SetupError(f"{len(resized)} of the {len(records)} latent shards with a record checked hold latents of "
+                         f"--resolution {records[resized[0]].get('resolution')} (first: {resized[0]}), this run "
+                         f"{args.resolution}: pass that --resolution, or precompute the shards at {args.resolution}")
+    settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
     others = {path: changes for path, record in records.items() for changes in [changed_settings(record, settings)]
               if changes}
     if others:

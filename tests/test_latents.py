@@ -4,6 +4,7 @@ import argparse
 import glob
 import io
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -13,6 +14,7 @@ import webdataset as wds
 from diffusers import AutoencoderKL, DiffusionPipeline
 from PIL import Image
 
+from splam.args import SetupError
 from splam.data import LatentSamples, ShardStream
 
 from conftest import REPO_ROOT, RESOLUTION, launch, logged_scalars, npy, run_script, run_scripts, training_command
@@ -125,12 +127,17 @@ def test_latents_made_by_another_teacher_are_named_in_the_log(latent_shards, tin
     urls(str(tmp_path))
     assert (f"3 of the 3 latent shards with a record checked were made with another pretrained_teacher_model ({tiny_teacher}, "
             f"this run {tmp_path})") in caplog.text
-    urls(tiny_teacher, resolution=2 * RESOLUTION)
-    assert f"another resolution ({RESOLUTION}, this run {2 * RESOLUTION})" in caplog.text
+    # Another resolution is certain, and a reader would stop the run at the first such shard: refused.
+    with pytest.raises(SetupError, match=rf"3 of the 3 latent shards with a record checked hold latents of --resolution "
+                                         rf"{RESOLUTION} \(first: .*00000.tar\), this run {2 * RESOLUTION}"):
+        urls(tiny_teacher, resolution=2 * RESOLUTION)
 
 
-def test_latents_of_another_resolution_are_refused(latent_shards, tiny_teacher, tmp_path):
-    command = training_command(tiny_teacher, f"{latent_shards[0]}/{{00000..00002}}.tar", str(tmp_path / "out"),
+def test_latents_of_another_resolution_without_records_are_refused_when_read(latent_shards, tiny_teacher, tmp_path):
+    """Shards without records (copied, or on a server) show their size only when a reader opens one."""
+    for index in range(3):
+        shutil.copy(f"{latent_shards[0]}/{index:05d}.tar", tmp_path)
+    command = training_command(tiny_teacher, f"{tmp_path}/{{00000..00002}}.tar", str(tmp_path / "out"),
                                "--max_train_steps=2", f"--resolution={2 * RESOLUTION}", source=LATENTS)
     result = run_script(*command[command.index("train_splam_distill_sd_wds.py"):])
     assert result.returncode == 1
@@ -180,6 +187,34 @@ def test_precompute_leaves_out_a_shard_it_cannot_read(tiny_teacher, tiny_shards,
     assert result.returncode == 1
     assert "error: 1 shards could not be read to the end (first: " in result.stderr and "00003.tar" in result.stderr
     assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00001.tar", "00001.tar.json"]
+
+
+def test_precompute_splits_its_shards_between_jobs_or_a_launchers_processes(tiny_teacher, tiny_shards, tmp_path):
+    """Job 0 of 2 writes shards 0 and 2 and says that shard 1 is still due (it said to train on all
+    three); under torchrun the processes are the jobs (each took every shard, on the first GPU)."""
+    output_dir = tmp_path / "latents"
+    first_job = precompute(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}", "--num_jobs=2", "--job_index=0")
+    assert first_job.returncode == 0, first_job.stderr[-3000:]
+    assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00002.tar", "00002.tar.json"]
+    assert f"1 of the 3 shards are still due from the other jobs (first: {output_dir}/00001.tar)" in first_job.stdout
+    assert "Train with" not in first_job.stdout
+    launched = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *precompute_command(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}"))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # Process 1 alone takes shard 1, its only one; process 0 finds its shards 0 and 2 done.
+    assert f"shard 1/1 ({output_dir}/00001.tar)" in launched.stdout and launched.stdout.count("shard ") == 1
+    assert len(glob.glob(f"{output_dir}/*.tar")) == 3
+
+
+def test_precompute_under_a_launcher_refuses_jobs_of_its_own(monkeypatch):
+    from precompute_latents import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    args = parse_args(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--output_dir=o"])
+    assert (args.num_jobs, args.job_index) == (2, 1)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--output_dir=o", "--num_jobs=2"])
 
 
 def test_precompute_refuses_a_missing_teacher_a_file_as_output_dir_and_shards_that_are_not_there_in_one_line(
