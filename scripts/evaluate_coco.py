@@ -301,7 +301,8 @@ def main():
                                               or len(reference_image_paths(args.reference_images)) < 2):
         parser.error(f"--reference_images {args.reference_images} is not a folder of at least 2 images "
                      f"({', '.join(IMAGE_EXTENSIONS)})")
-    for flag, path in (("--reference_stats", args.reference_stats), ("--captions", args.captions)):
+    for flag, path in (("--reference_stats", args.reference_stats), ("--captions", args.captions),
+                       ("--fid_feature_extractor", args.fid_feature_extractor)):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{flag} {path}: no such file")
 

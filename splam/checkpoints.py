@@ -34,6 +34,9 @@ TRAINING_STATE = "training_state.json"
 TRAINING_STATE_FORMAT = 4
 # Format 3 lacks where the data readers stand (``reading_positions``): a resume from it starts them afresh.
 READABLE_FORMATS = (3, TRAINING_STATE_FORMAT)
+# The files that hold a saved UNet's weights, whole or sharded (save_pretrained writes safetensors).
+UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 # What a failed write of weights raises (a full disk, no permission): torch.save reports it as
 # RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -294,6 +297,16 @@ def rng_state_damage(checkpoint_path: str, process_index: int):
     return None
 
 
+def missing_unet_file(checkpoint_path: str, folder: str):
+    """``folder/config.json`` or ``folder``'s weights where the checkpoint lacks them, else ``None``:
+    diffusers would report missing weights as a ``.bin`` file not found in the checkpoint itself."""
+    if not os.path.isfile(os.path.join(checkpoint_path, folder, "config.json")):
+        return f"{folder}/config.json"
+    if not any(os.path.isfile(os.path.join(checkpoint_path, folder, name)) for name in UNET_WEIGHT_FILES):
+        return f"{folder}/{UNET_WEIGHT_FILES[0]}"
+    return None
+
+
 def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, hyperparameters) -> list:
     """Resume from ``checkpoint_path``: ``accelerator.load_state``, then this run's optimizer
     hyperparameters (``apply_hyperparameters``, whose list of changes it returns).
@@ -312,10 +325,10 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
         return (f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
                 "move it out of the folder to resume from the checkpoint before it")
 
-    missing = [name for name in ("unet", "unet_target") if not os.path.isfile(os.path.join(checkpoint_path, name, "config.json"))]
+    missing = [path for folder in ("unet", "unet_target") for path in [missing_unet_file(checkpoint_path, folder)] if path]
     # Each process reads its own RNG state (and on several machines its own disk's copy of the
     # checkpoint), so one process alone may find it damaged.
-    damage = f"no {' or '.join(missing)}/config.json" if missing else rng_state_damage(checkpoint_path, accelerator.process_index)
+    damage = f"no {' or '.join(missing)}" if missing else rng_state_damage(checkpoint_path, accelerator.process_index)
     raise_on_every_process(None if damage is None else damage_message(damage), CheckpointError)
     scaler = accelerator.scaler
     new_scaler = scaler is not None and not os.path.isfile(os.path.join(checkpoint_path, SCALER_NAME))

@@ -135,7 +135,8 @@ def checked_shard_urls(spec: str, flag: str) -> list:
     missing = [path for path in checked if not os.path.exists(path)]
     if missing:
         logger.warning(f"{flag}: {len(missing)} of {'the first ' if len(checked) < len(local) else ''}{len(checked)} "
-                       f"shards do not exist and will be skipped (first: {missing[0]})")
+                       f"shards do not exist (first: {missing[0]}): each pass tries them again and counts them as "
+                       "shard readings stopped short")
     return urls
 
 
@@ -678,10 +679,10 @@ def unequal_shares(shards: int, readers: int):
                 "samples may be read by more than one")
     if shards % readers:
         fewer = shards // readers
-        return (f"{shards} shards for {readers} readers (processes x workers): {readers - shards % readers} readers have "
-                f"{fewer} shards and the others {fewer + 1}, and all give samples equally fast, so the samples of the "
-                f"smaller shares come round up to {(fewer + 1) / fewer:.2f} times as often; a multiple of {readers} "
-                "shards of about equal size reads all samples alike")
+        return (f"{shards} shards for {readers} readers (processes x workers): some readers get {fewer} and others "
+                f"{fewer + 1}, and all give samples equally fast, so the samples of the smaller shares come round up to "
+                f"{(fewer + 1) / fewer:.2f} times as often; a multiple of {readers} shards of about equal size reads all "
+                "samples alike")
     return None
 
 

@@ -534,7 +534,7 @@ def test_an_unreadable_shard_is_named_in_the_log(tmp_path, tiny_shards, caplog):
     caplog.clear()
     urls = train_shard_urls(argparse.Namespace(train_shards_path_or_url=f"{tiny_shards}::{missing}",
                                                train_latents_path_or_url=None))
-    assert len(urls) == 4 and f"1 of 4 shards do not exist and will be skipped (first: {missing})" in caplog.text
+    assert len(urls) == 4 and f"1 of 4 shards do not exist (first: {missing}): each pass tries them again" in caplog.text
 
 
 def test_a_thin_image_is_cropped_before_it_is_resized(tmp_path, monkeypatch):
@@ -689,6 +689,6 @@ def test_readers_with_unequal_shares_of_the_shards_are_warned_of():
 
     assert unequal_shares(8, 4) is None and unequal_shares(1, 1) is None
     assert "3 shards for 4 readers (processes x workers): each reads from all shards" in unequal_shares(3, 4)
-    assert ("10 shards for 4 readers (processes x workers): 2 readers have 2 shards and the others 3, and all give "
-            "samples equally fast, so the samples of the smaller shares come round up to 1.50 times as often; a "
-            "multiple of 4 shards") in unequal_shares(10, 4)
+    assert ("10 shards for 4 readers (processes x workers): some readers get 2 and others 3, and all give samples "
+            "equally fast, so the samples of the smaller shares come round up to 1.50 times as often; a multiple of 4 "
+            "shards") in unequal_shares(10, 4)

@@ -452,7 +452,9 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards
     that names another folder."""
     run = str(tmp_path / "run")
     launch(tiny_teacher, tiny_shards, run, "--max_train_steps=2", "--checkpointing_steps=2")
-    damages = {"no unet_target/config.json": lambda checkpoint: shutil.rmtree(checkpoint / "unet_target"),
+    # A missing weights file was reported by diffusers as a .bin file not found in the checkpoint itself.
+    damages = {"no unet_target/diffusion_pytorch_model.safetensors":
+                   lambda checkpoint: os.remove(checkpoint / "unet_target" / "diffusion_pytorch_model.safetensors"),
                "not a valid JSON file": lambda checkpoint: cut_in_half(checkpoint / "unet" / "config.json"),
                "diffusion_pytorch_model.safetensors":
                    lambda checkpoint: cut_in_half(checkpoint / "unet_target" / "diffusion_pytorch_model.safetensors"),
@@ -474,6 +476,17 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_teacher, tiny_shards
 
 def cut_in_half(path):
     os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_a_checkpoint_missing_a_unets_config_or_weights_is_told_before_loading(tmp_path):
+    from splam.checkpoints import missing_unet_file
+
+    (tmp_path / "unet").mkdir()
+    assert missing_unet_file(str(tmp_path), "unet") == "unet/config.json"
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    assert missing_unet_file(str(tmp_path), "unet") == "unet/diffusion_pytorch_model.safetensors"
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    assert missing_unet_file(str(tmp_path), "unet") is None
 
 
 def test_a_resume_with_another_student_architecture_is_refused_not_called_damaged(tiny_teacher, tiny_shards, tmp_path):
