@@ -48,7 +48,7 @@ from splam.checkpoints import (
 )
 from splam.data import (DataError, DataStats, ShardStream, data_stream_changes, is_per_process, make_train_dataloader,
                         readers_of_process, resumed_reading_positions, train_batches, train_shard_urls,
-                        training_samples, unequal_shares)
+                        training_samples, unequal_shares_warning)
 from splam.export import export_pipeline
 from splam.hub import HubError, HubPublisher
 from splam.models import check_vae_config, lcm_scheduler, load_teacher_scheduler, load_text_encoder_and_vae
@@ -327,7 +327,7 @@ def main(args):
     own_readers = readers_of_process(accelerator.process_index, args.dataloader_num_workers)
     reading_positions = {reader: position for reader, position in positions.items() if reader in own_readers}
 
-    share_warning = unequal_shares(len(shard_urls), accelerator.num_processes * len(own_readers))
+    share_warning = unequal_shares_warning(len(shard_urls), accelerator.num_processes * len(own_readers))
     if share_warning:
         logger.warning(share_warning)
 

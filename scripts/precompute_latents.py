@@ -17,7 +17,8 @@ fixed per sample. Train with the same teacher (or ``--pretrained_vae_model_name_
 Split the work over GPUs or machines with ``--num_jobs J --job_index k`` (job ``k`` takes the
 shards ``i`` with ``i mod J = k``, and GPU ``k mod`` the number of GPUs it sees), or launch the
 script with ``torchrun`` or ``accelerate launch``: its processes are then the jobs, each on its
-local GPU. Each shard is written under a temporary name and renamed
+local GPU (a job that exits with an error then stops the others, as the launcher does; a rerun
+finishes their shards). Each shard is written under a temporary name and renamed
 when complete; a shard that cannot be read to the end, or holds no usable sample, is left out (the
 run then exits with an error naming it), and a rerun skips the shards already there and retries the others.
 
@@ -86,12 +87,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resolution % 8 or not 0 <= args.job_index < args.num_jobs or args.batch_size < 1:
         parser.error("--resolution must be a multiple of 8, 0 <= --job_index < --num_jobs and --batch_size >= 1")
-    processes = int(os.environ.get("WORLD_SIZE", 1))
-    if processes > 1:  # every process of a launcher would otherwise take every shard, on the first GPU
+    args.gpu = args.job_index  # jobs started side by side on one machine take its GPUs in turn
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # each launched process would take every shard, on the first GPU
         if args.num_jobs != 1:
-            parser.error(f"under torchrun or accelerate launch the jobs are its {processes} processes: "
-                         "leave out --num_jobs and --job_index")
-        args.num_jobs, args.job_index = processes, int(os.environ["RANK"])
+            parser.error("under torchrun or accelerate launch the jobs are its processes: leave out --num_jobs and "
+                         "--job_index")
+        try:
+            args.num_jobs, args.job_index, args.gpu = (int(os.environ[name])
+                                                       for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+        except (KeyError, ValueError):
+            parser.error("WORLD_SIZE is set (as by torchrun) without integer WORLD_SIZE, RANK and LOCAL_RANK")
     return args
 
 
@@ -185,9 +190,7 @@ def main(args):
         tokenizer, text_encoder, vae = load_text_encoder_and_vae(args, dtype)
     except SetupError as error:
         sys.exit(f"error: {error}")
-    # A launcher's processes take their local GPUs; jobs started side by side on one machine take its GPUs in turn.
-    gpu = int(os.environ.get("LOCAL_RANK", args.job_index))
-    device = torch.device(f"cuda:{gpu % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{args.gpu % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     text_encoder.to(device)
     vae.to(device)
     transform = ImageTransform(args.resolution, args.center_crop, args.random_flip)
@@ -235,9 +238,10 @@ def main(args):
         sys.exit("error: " + "; ".join(errors))
     training = (f"--train_latents_path_or_url=\"{args.output_dir}/{{00000..{len(urls) - 1:05d}}}.tar\" "
                 f"--resolution={args.resolution} and the same teacher")
-    due = [index for index in range(len(urls)) if not os.path.exists(output_path(args, index))]
+    written = set(os.listdir(args.output_dir))  # one listing: a web-scale set has 100k shards
+    due = [index for index in range(len(urls)) if os.path.basename(output_path(args, index)) not in written]
     if due:  # the other jobs' shards
-        print(f"This job's shards are done; {len(due)} of the {len(urls)} shards are still due from the other jobs "
+        print(f"This job's shards are done; shards still due from the other jobs: {len(due)} of {len(urls)} "
               f"(first: {output_path(args, due[0])}). Once they are written, train with {training}")
     else:
         print(f"Train with {training}")

@@ -670,10 +670,11 @@ def readers_of_process(process_index: int, num_workers: int) -> range:
     return range(process_index * workers, (process_index + 1) * workers)
 
 
-def unequal_shares(shards: int, readers: int):
-    """What to warn of where ``readers`` (processes x workers) cannot get equal shares of ``shards``
-    (``None`` where they do): every reader gives as many samples per step, so a reader with fewer
-    shards goes round its own more often, and their samples come round more often than others'."""
+def unequal_shares_warning(shards: int, readers: int):
+    """What to warn of where ``readers`` (processes x loader workers, one per process without workers)
+    cannot get equal shares of ``shards`` (``None`` where they do): every reader gives as many
+    samples per step, so a reader with fewer shards goes round its own more often, and their samples
+    come round more often than others'."""
     if shards < readers:
         return (f"{shards} shards for {readers} readers (processes x workers): each reads from all shards, so some "
                 "samples may be read by more than one")

@@ -1,7 +1,8 @@
 """What made a latent shard: ``scripts/precompute_latents.py`` writes beside each output shard
 ``<shard>.json``, its input shard and every setting that shapes its arrays. A rerun of the script
-reads them so as not to mix latents of other settings, and training reads them so as not to
-distil a teacher from latents another VAE and text encoder made (their shapes alone agree)."""
+reads them so as not to mix latents of other settings, and training reads them so as to refuse
+latents of another resolution at the start, and to warn of latents that another VAE and text encoder
+made (their shapes alone agree)."""
 
 import json
 import logging
@@ -14,7 +15,7 @@ logger = logging.getLogger(__name__)
 # The flags of scripts/precompute_latents.py that shape the stored arrays.
 SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision", "resolution",
             "center_crop", "random_flip", "mixed_precision", "storage_dtype", "seed")
-# Those that name the VAE and text encoder that made the arrays: a training run's are warned of.
+# Those that name the VAE and text encoder that made the arrays; training warns where they differ.
 MODEL_SETTINGS = ("pretrained_teacher_model", "pretrained_vae_model_name_or_path", "teacher_revision")
 
 
@@ -52,11 +53,13 @@ def check_latent_records(args, local_shards) -> None:
     is a warning: a teacher's name on the Hub and its downloaded folder are two spellings of one
     model that only its files could tell apart."""
     records = {path: record for path in local_shards for record in [read_record(path)] if record is not None}
-    resized = [path for path, record in records.items() if record.get("resolution") != args.resolution]
+    resized = [path for path, record in records.items() if record.get("resolution", args.resolution) != args.resolution]
     if resized:
+        found = sorted({str(records[path]["resolution"]) for path in resized})
         raise SetupError(f"{len(resized)} of the {len(records)} latent shards with a record checked hold latents of "
-                         f"--resolution {records[resized[0]].get('resolution')} (first: {resized[0]}), this run "
-                         f"{args.resolution}: pass that --resolution, or precompute the shards at {args.resolution}")
+                         f"another --resolution ({', '.join(found)}; first: {resized[0]}) than this run's "
+                         f"{args.resolution}: pass the --resolution they were made at, or precompute them at "
+                         f"{args.resolution}")
     settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
     others = {path: changes for path, record in records.items() for changes in [changed_settings(record, settings)]
               if changes}

@@ -2,16 +2,20 @@
 built locally by the project's own scripts."""
 
 import concurrent.futures
+import contextlib
 import glob
 import io
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
+import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -45,18 +49,35 @@ def npy(array) -> bytes:
 
 def run_script(*args, env=None, timeout=600, preexec_fn=None):
     """Run a Python script of the repo in a fresh interpreter, in a process group of its own; returns
-    the CompletedProcess. Past ``timeout`` the whole group is killed and the test fails with what the
-    script printed: ``subprocess.run`` kills only the process it started, and its children (the
-    training process under ``accelerate launch``, loader workers) would go on, slowing later tests."""
+    the CompletedProcess. Past ``timeout`` the script and every process it started are killed and the
+    test fails with what the script printed: ``subprocess.run`` kills only the process it started, and
+    its children (training processes, loader workers) would go on, slowing later tests."""
     with subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=preexec_fn) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            # torchrun starts its workers in sessions of their own, out of the group's reach; they
+            # hold the output pipes.
+            descendants = psutil.Process(process.pid).children(recursive=True)
             os.killpg(process.pid, signal.SIGKILL)
+            for descendant in descendants:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    descendant.kill()
             stdout, stderr = process.communicate()
-            pytest.fail(f"{' '.join(args)}: still running after {timeout} s\n{stdout[-3000:]}{stderr[-6000:]}")
+            pytest.fail(f"{shlex.join(map(str, args))}: still running after {timeout} s\n{stdout[-3000:]}{stderr[-6000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_process_ended(pid):
+    """Process ``pid`` is gone or a zombie, half a second from now."""
+    time.sleep(0.5)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z"), f"process {pid} is still running (state {state})"
 
 
 def run_scripts(*commands, env=None, timeout=600):

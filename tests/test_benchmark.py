@@ -23,7 +23,7 @@ from splam.models import lcm_scheduler, load_teacher_scheduler, load_teacher_une
 from splam.training import build_distillation_models, encode_batch, encode_prompts, posterior_moments, splam_loss
 from splam.validation import few_step_pipeline, sample_validation_images
 
-from conftest import REPO_ROOT, RESOLUTION, run_script, run_scripts
+from conftest import REPO_ROOT, RESOLUTION, assert_process_ended, run_script, run_scripts
 
 
 def teacher_args(tiny_teacher, *flags, source="--train_shards_path_or_url=unused"):
@@ -52,7 +52,8 @@ def test_the_benchmark_prints_its_figures(tiny_teacher, tmp_path):
     by_kind = figures["tflop_per_step_by_kind"]
     assert sum(by_kind.values()) == pytest.approx(figures["tflop_per_step"])
     assert by_kind["convolution"] > 0 and by_kind["matrix product"] > 0
-    # The profiled step's host time by kind: within the step's time, the convolutions a good part of it.
+    # The profiled step's host time by kind: of the order of a step's time (the profiler's overhead, and a
+    # busy machine, stretch the profiled step), the convolutions a good part of it.
     seconds_by_kind = figures["profile"]["seconds_by_kind"]
     assert 0.2 * figures["s_per_step"]["min"] < sum(seconds_by_kind.values()) < 5 * figures["s_per_step"]["max"]
     assert seconds_by_kind["convolution"] > 0.05 * sum(seconds_by_kind.values())
@@ -432,33 +433,13 @@ ROW_WITH_A_WORKER = ("import subprocess, sys, time; "
                      "print(worker.pid, flush=True); time.sleep(120)")
 
 
-def assert_ended(pid):
-    time.sleep(0.5)
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        state = "gone"
-    assert state in ("gone", "Z"), f"the row's worker is still running (state {state})"
-
-
 def test_a_row_that_times_out_is_ended_with_the_processes_it_started(tmp_path):
     """A row's loader workers and compiler processes must not outlive its timeout and slow the next row."""
     from throughput_figures import run_row
 
     with open(tmp_path / "row.log", "w") as log:
         assert run_row([sys.executable, "-c", ROW_WITH_A_WORKER], log, timeout=5) == "timeout"
-    assert_ended(int((tmp_path / "row.log").read_text()))
-
-
-def test_the_tests_end_a_script_at_its_timeout_with_the_processes_it_started():
-    """``run_script``, which launches the tests' training runs: a run that hangs fails its test at the
-    timeout, and the processes it started end with it rather than slow the tests after it."""
-    started = time.time()
-    with pytest.raises(pytest.fail.Exception, match="still running after 3 s") as failure:
-        run_script("-c", ROW_WITH_A_WORKER, timeout=3)
-    assert time.time() - started < 60
-    assert_ended(int(str(failure.value).splitlines()[1]))
+    assert_process_ended(int((tmp_path / "row.log").read_text()))
 
 
 def test_a_terminated_figures_script_ends_the_running_row(tmp_path):
@@ -475,7 +456,7 @@ def test_a_terminated_figures_script_ends_the_running_row(tmp_path):
         time.sleep(0.2)
     figures.terminate()
     assert figures.wait(timeout=30) == 128 + signal.SIGTERM
-    assert_ended(int(log_path.read_text()))
+    assert_process_ended(int(log_path.read_text()))
 
 
 def test_a_row_that_wrote_its_figures_counts_though_it_ran_past_its_timeout(tiny_teacher, tmp_path, monkeypatch):

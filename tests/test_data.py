@@ -685,10 +685,10 @@ def test_make_shards_refuses_a_missing_image_dir_and_a_file_as_output_dir(tmp_pa
 
 
 def test_readers_with_unequal_shares_of_the_shards_are_warned_of():
-    from splam.data import unequal_shares
+    from splam.data import unequal_shares_warning
 
-    assert unequal_shares(8, 4) is None and unequal_shares(1, 1) is None
-    assert "3 shards for 4 readers (processes x workers): each reads from all shards" in unequal_shares(3, 4)
+    assert unequal_shares_warning(8, 4) is None and unequal_shares_warning(1, 1) is None
+    assert "3 shards for 4 readers (processes x workers): each reads from all shards" in unequal_shares_warning(3, 4)
     assert ("10 shards for 4 readers (processes x workers): some readers get 2 and others 3, and all give samples "
             "equally fast, so the samples of the smaller shares come round up to 1.50 times as often; a multiple of 4 "
-            "shards") in unequal_shares(10, 4)
+            "shards") in unequal_shares_warning(10, 4)

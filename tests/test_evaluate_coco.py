@@ -141,7 +141,8 @@ def test_a_missing_reference_or_model_stops_the_run_before_it_samples(world):
     cases = [
         (world["student"], ["--reference_images", missing], 2, "is not a folder of at least 2 images"),
         (world["student"], ["--reference_stats", missing], 2, "no such file"),
-        # It was loaded (with a traceback) after the captions and the rows' checks; the last flag counts.
+        # It was loaded (with a traceback) after the captions and the rows' checks; argparse keeps the last
+        # --fid_feature_extractor, so this one replaces the command's valid one.
         (world["student"], ["--reference_images", world["references"], "--fid_feature_extractor", missing], 2,
          f"--fid_feature_extractor {missing}: no such file"),
         (world["student"], ["--reference_stats", str(cut_short)], 1, f"error: cannot read --reference_stats {cut_short}"),

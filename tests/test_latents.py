@@ -128,8 +128,8 @@ def test_latents_made_by_another_teacher_are_named_in_the_log(latent_shards, tin
     assert (f"3 of the 3 latent shards with a record checked were made with another pretrained_teacher_model ({tiny_teacher}, "
             f"this run {tmp_path})") in caplog.text
     # Another resolution is certain, and a reader would stop the run at the first such shard: refused.
-    with pytest.raises(SetupError, match=rf"3 of the 3 latent shards with a record checked hold latents of --resolution "
-                                         rf"{RESOLUTION} \(first: .*00000.tar\), this run {2 * RESOLUTION}"):
+    with pytest.raises(SetupError, match=rf"3 of the 3 latent shards with a record checked hold latents of another "
+                                         rf"--resolution \({RESOLUTION}; first: .*00000.tar\) than this run's {2 * RESOLUTION}"):
         urls(tiny_teacher, resolution=2 * RESOLUTION)
 
 
@@ -196,7 +196,7 @@ def test_precompute_splits_its_shards_between_jobs_or_a_launchers_processes(tiny
     first_job = precompute(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}", "--num_jobs=2", "--job_index=0")
     assert first_job.returncode == 0, first_job.stderr[-3000:]
     assert sorted(os.listdir(output_dir)) == ["00000.tar", "00000.tar.json", "00002.tar", "00002.tar.json"]
-    assert f"1 of the 3 shards are still due from the other jobs (first: {output_dir}/00001.tar)" in first_job.stdout
+    assert f"shards still due from the other jobs: 1 of 3 (first: {output_dir}/00001.tar)" in first_job.stdout
     assert "Train with" not in first_job.stdout
     launched = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *precompute_command(tiny_teacher, tiny_shards, output_dir, f"--resolution={RESOLUTION}"))
@@ -206,15 +206,22 @@ def test_precompute_splits_its_shards_between_jobs_or_a_launchers_processes(tiny
     assert len(glob.glob(f"{output_dir}/*.tar")) == 3
 
 
-def test_precompute_under_a_launcher_refuses_jobs_of_its_own(monkeypatch):
+def test_precompute_under_a_launcher_refuses_jobs_of_its_own(monkeypatch, capsys):
     from precompute_latents import parse_args
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    args = parse_args(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--output_dir=o"])
-    assert (args.num_jobs, args.job_index) == (2, 1)
+    required = ["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--output_dir=o"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args = parse_args(required)
+    assert (args.num_jobs, args.job_index, args.gpu) == (4, 3, 1)
     with pytest.raises(SystemExit):
-        parse_args(["--pretrained_teacher_model=t", "--train_shards_path_or_url=s", "--output_dir=o", "--num_jobs=2"])
+        parse_args([*required, "--num_jobs=2"])
+    assert "leave out --num_jobs and --job_index" in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
+    with pytest.raises(SystemExit):
+        parse_args(required)
+    assert "without integer WORLD_SIZE, RANK and LOCAL_RANK" in capsys.readouterr().err
 
 
 def test_precompute_refuses_a_missing_teacher_a_file_as_output_dir_and_shards_that_are_not_there_in_one_line(
