@@ -374,7 +374,9 @@ WRITTEN = [(distributed_type, files) for distributed_type, layouts in LAYOUTS.it
 
 def checkpoint(tmp_path, distributed_type, files=None):
     path = tmp_path / f"checkpoint-{distributed_type.value}"
-    for name in (files or LAYOUTS[distributed_type][0]) + ["unet/config.json", "unet_target/config.json", "training_state.json"]:
+    unets = [f"{net}/{name}" for net in ("unet", "unet_target")
+             for name in ("config.json", "diffusion_pytorch_model.safetensors")]
+    for name in (files or LAYOUTS[distributed_type][0]) + unets + ["training_state.json"]:
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text("{}")
     return str(path)

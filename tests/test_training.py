@@ -70,9 +70,10 @@ def linear_model_checkpoint(accelerator, path, micro_batches_done=0):
     accelerator.register_for_checkpointing(lr_scheduler)
     accelerator.step = micro_batches_done
     accelerator.save_state(str(path))
-    for net in ("unet", "unet_target"):
+    for net in ("unet", "unet_target"):  # what the checks before loading look for
         (path / net).mkdir()
         (path / net / "config.json").write_text("{}")
+        (path / net / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     return model, optimizer, lr_scheduler, hyperparameters
 
 
