@@ -21,6 +21,7 @@ import shutil
 import torch
 from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, DistributedType, load
 from diffusers import UNet2DConditionModel
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -35,8 +36,7 @@ TRAINING_STATE_FORMAT = 4
 # Format 3 lacks where the data readers stand (``reading_positions``): a resume from it starts them afresh.
 READABLE_FORMATS = (3, TRAINING_STATE_FORMAT)
 # The files that hold a saved UNet's weights, whole or sharded (save_pretrained writes safetensors).
-UNET_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
+UNET_WEIGHT_FILES = (SAFETENSORS_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 # What a failed write of weights raises (a full disk, no permission): torch.save reports it as
 # RuntimeError, safetensors (the UNets, most of a checkpoint's bytes) as SafetensorError.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -325,7 +325,7 @@ def load_checkpoint(accelerator, checkpoint_path: str, optimizer, lr_scheduler, 
         return (f"cannot resume from {checkpoint_path}, which is damaged ({reason}): "
                 "move it out of the folder to resume from the checkpoint before it")
 
-    missing = [path for folder in ("unet", "unet_target") for path in [missing_unet_file(checkpoint_path, folder)] if path]
+    missing = [path for path in (missing_unet_file(checkpoint_path, folder) for folder in ("unet", "unet_target")) if path]
     # Each process reads its own RNG state (and on several machines its own disk's copy of the
     # checkpoint), so one process alone may find it damaged.
     damage = f"no {' or '.join(missing)}" if missing else rng_state_damage(checkpoint_path, accelerator.process_index)
