@@ -39,6 +39,7 @@ from splam.checkpoints import (
     CheckpointError,
     check_resumable,
     ema_checksums,
+    finish_rotation,
     list_checkpoints,
     load_checkpoint,
     optimizer_hyperparameters,
@@ -86,9 +87,9 @@ class NonFiniteError(RuntimeError):
 
 def check_optional_dependencies(args) -> None:
     """Stop before any weight is loaded when a requested optional package is missing. xformers
-    alone is only a warning: without it PyTorch's scaled-dot-product attention computes the same
-    attention (as fast on current GPUs), so the authors' command trains wherever xformers does not
-    install."""
+    alone is only a warning, and its flag is turned off: without it PyTorch's scaled-dot-product
+    attention computes the same attention (as fast on current GPUs), so the authors' command trains
+    wherever xformers does not install."""
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         logger.warning("--enable_xformers_memory_efficient_attention: xformers is not installed, so PyTorch's "
                        "scaled-dot-product attention is used (the same attention; pip install xformers for xformers')")
@@ -235,10 +236,11 @@ def main(args):
         (library.utils.logging.set_verbosity_warning if accelerator.is_local_main_process
          else library.utils.logging.set_verbosity_error)()
     seed_training_rngs(args.seed)
-    # Recorded as run, whether set by the flag or by the accelerate config.
+    # Recorded as run (in the trackers' config and the model card), whether set by the flag or by the accelerate config.
     args.mixed_precision = accelerator.mixed_precision
     if accelerator.device.type == "cpu" and accelerator.mixed_precision == "fp16":
         logger.warning("accelerate runs fp16 on a CPU without autocast or grad scaling: this run computes in float32")
+        args.mixed_precision = "no"
 
     # Everything that can be wrong with the command line is found before any weight is loaded.
     check_output_dir_is_not_the_teacher(args.output_dir, args.pretrained_teacher_model)
@@ -475,6 +477,7 @@ def main(args):
         publisher.wait_for_checkpoints()
     if accelerator.is_main_process:
         # Those kept for their uploads, and those over a limit lowered for a relaunch that saves none.
+        finish_rotation()
         rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
     if publisher is not None and args.push_to_hub:
         logger.info(f"Uploaded the pipeline: {publisher.push_pipeline(args.output_dir)}")

@@ -205,8 +205,8 @@ def measure_step(options, extra, teacher_dir):
             loss = splam_loss(latents, prompt_embeds, models, args, autocast)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(models.unet.parameters(), args.max_grad_norm)
-            # (0, 0): the skipped and repaired counts the training loop sends along.
-            loss_value, grad_norm_value, _ = read_step_values(accelerator, loss, grad_norm, (0, 0))
+            # (0, 0, 0): the data counters the training loop sends along (skipped, repaired, bad shards).
+            loss_value, grad_norm_value, _ = read_step_values(accelerator, loss, grad_norm, (0, 0, 0))
             if take_optimizer_step(accelerator, optimizer, lr_scheduler, loss_value, grad_norm_value):
                 update_ema(models.target_unet.parameters(), accelerator.unwrap_model(models.unet).parameters(),
                            args.ema_decay)

@@ -15,14 +15,13 @@ import random
 import numpy as np
 import torch
 import webdataset as wds
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
-from transformers import CLIPTextConfig, CLIPTextModel
 
-from make_tiny_teacher import character_tokenizer
+from make_tiny_teacher import character_tokenizer, random_text_encoder, save_pipeline, sd_noise_schedule
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PHRASINGS = ["a handwritten digit {}", "the number {}, handwritten", "a scan of a handwritten {}", "digit {}"]
@@ -34,7 +33,8 @@ def caption(label: int, phrasing: int) -> str:
 
 
 def digits_split(seed: int = 0):
-    """``(train_images, train_labels, heldout_images, heldout_labels)``; images 8x8 in [0, 16]."""
+    """``(train_images, heldout_images, train_labels, heldout_labels)`` (``train_test_split``'s order);
+    images 8x8 in [0, 16]."""
     digits = load_digits()
     return train_test_split(digits.images, digits.target, test_size=0.2, random_state=seed, stratify=digits.target)
 
@@ -96,11 +96,8 @@ def build_teacher_parts(seed: int):
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as work_dir:
         tokenizer = character_tokenizer(work_dir)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = random_text_encoder(tokenizer, len(tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION, layers_per_block=1,
         block_out_channels=(16, 32, 32), norm_num_groups=8,
@@ -112,9 +109,7 @@ def build_teacher_parts(seed: int):
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=8,
         norm_num_groups=32,
     )
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              prediction_type="epsilon", clip_sample=False, steps_offset=1)
-    return vae, text_encoder, tokenizer, unet, scheduler
+    return vae, text_encoder, tokenizer, unet, sd_noise_schedule()
 
 
 def train_teacher(out_dir: str, images, labels, vae_steps: int, unet_steps: int, seed: int = 0, log=print) -> str:
@@ -164,6 +159,5 @@ def train_teacher(out_dir: str, images, labels, vae_steps: int, unet_steps: int,
         schedule.step()
         if step % 500 == 0 or step == unet_steps - 1:
             log(f"UNet step {step}: loss {loss.item():.4f}")
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
+    save_pipeline(out_dir, vae, text_encoder, tokenizer, unet.eval(), scheduler)
     return out_dir

@@ -3,10 +3,11 @@
 
     python scripts/evaluate.py --teacher T --student SPLAM=DIR --student LCM=DIR2 --w_scale 3 --out results.json
 
-For held-out prompts (every digit in every phrasing) and fixed seeds, with the same initial
-noise for every sampler, each student samples at 1, 2 and 4 steps (``LCMScheduler``,
-``guidance_scale=1``) and the teacher at 50 DDIM steps with the distillation's guidance
-(diffusers' ``guidance_scale = w + 1``). Reported, as mean and spread over seeds:
+For the 40 prompts (every digit in every phrasing, the training captions; the real digits
+compared against are held out) and fixed seeds, with the same initial noise for every sampler,
+each student samples at 1, 2 and 4 steps (``LCMScheduler``, ``guidance_scale=1``) and the
+teacher at 50 DDIM steps with the distillation's guidance (diffusers' ``guidance_scale = w + 1``).
+Reported, as mean and spread over seeds:
 
 - trajectory fidelity: mean squared distance of a student's final latents (and decoded pixels,
   in [0, 1]) to the teacher's;
@@ -34,7 +35,7 @@ from splam.validation import image_grid  # noqa: E402
 TEACHER_STEPS = 50
 
 
-def heldout_prompts():
+def evaluation_prompts():
     return [(label, caption(label, phrasing)) for label in range(len(NAMES)) for phrasing in range(len(PHRASINGS))]
 
 
@@ -80,7 +81,7 @@ def evaluate(teacher_dir, students: dict, w_scale, steps=(1, 2, 4), seeds=(0, 1,
     judge = train_judge(train_x, train_y, data_seed)
     real_scans = to_scan8([to_rgb32(image) for image in heldout_x])
     real_features = judge_features(judge, real_scans)
-    labels, prompts = zip(*heldout_prompts())
+    labels, prompts = zip(*evaluation_prompts())
 
     teacher = load_or_exit(StableDiffusionPipeline, teacher_dir, "the teacher")
     teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config)

@@ -38,10 +38,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import one_line  # noqa: E402
 from splam.checkpoints import READ_ERRORS  # noqa: E402
-from splam.cli import load_or_exit, read_prompt_file  # noqa: E402
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
+from splam.cli import IMAGE_EXTENSIONS, SAMPLING_DTYPES, batched, load_or_exit, read_prompt_file, sampling_dtype  # noqa: E402
 
 def load_prompts(path: str, num_images: int, seed: int) -> list:
     """``num_images`` prompts: from a COCO captions file, one seeded choice of caption per image and a
@@ -160,11 +157,6 @@ def read_generated(args, name, indices):
     return records, pixels
 
 
-def batches(items, size):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def make_fid(args):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -203,7 +195,7 @@ def load_reference(args, fid, stats=None) -> None:
         return
     stats_path = os.path.join(args.work_dir, "reference_stats.pt")
     paths = reference_image_paths(args.reference_images)
-    for chunk in batches(paths, 64):
+    for chunk in batched(paths, 64):
         pixels = np.stack([resize_and_crop(Image.open(path), args.resolution) for path in chunk])
         fid.update(torch.from_numpy(pixels).to(fid.device), real=True)
     torch.save({"sum": fid.real_features_sum.cpu(), "cov_sum": fid.real_features_cov_sum.cpu(),
@@ -247,7 +239,7 @@ def score(args, fid, clip, name, count) -> dict:
     fid.reset()
     clip.reset()
     seconds = []
-    for indices in batches(range(count), 64):
+    for indices in batched(range(count), 64):
         records, pixels = read_generated(args, name, indices)
         pixels = torch.from_numpy(pixels).to(fid.device)
         fid.update(pixels, real=False)
@@ -282,7 +274,7 @@ def main():
     parser.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for the CLIP score.")
     parser.add_argument("--fid_feature_extractor", default=None,
                         help="A TorchScript module (uint8 [N, 3, H, W] -> [N, D]) to replace Inception-v3 features.")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--dtype", choices=sorted(SAMPLING_DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
     parser.add_argument("--work_dir", default=None, help="Generated images and reference statistics (default: next to --out).")
     parser.add_argument("--out", required=True, help="results.json; the table goes next to it as .md.")
     args = parser.parse_args()
@@ -309,8 +301,7 @@ def main():
     # Like Accelerator, honour accelerate's CPU flag (accelerate launch --cpu, or torchrun on CPUs).
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     prompts = load_prompts(args.captions, args.num_images, args.seed)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.dtype, torch.float16 if state.device.type == "cuda" else torch.float32)
+    dtype = sampling_dtype(args.dtype, state.device)
     rows = configurations(args)
     if state.is_main_process:
         for name, *_ in rows:

@@ -28,7 +28,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="The teacher pipeline (folder or Hub id).")
     parser.add_argument("--student", required=True, help="The folded student pipeline (scripts/fold_gamma.py).")
-    parser.add_argument("--rank", type=int, required=True, help="LoRA rank; layers of lower full rank keep theirs.")
+    parser.add_argument("--rank", type=int, required=True,
+                        help="LoRA rank; a layer of lower full rank is padded to it with zero directions.")
     parser.add_argument("--out", required=True, help="Where to write the LoRA.")
     parser.add_argument("--no_bias", action="store_true",
                         help="Leave the bias deltas out: a less exact LoRA that pipe.fuse_lora() can merge (with them, "
@@ -52,8 +53,9 @@ def main():
         StableDiffusionPipeline.save_lora_weights(args.out, unet_lora_layers=lora, safe_serialization=True)
     except OSError as error:
         raise SystemExit(f"error: cannot write the LoRA to {args.out}: {one_line(error)}") from error
-    layers = sum(key.endswith("lora_A.weight") for key in lora)
-    print(f"Wrote a rank-{args.rank} LoRA of {layers} layers to {args.out}")
+    ranks = [value.shape[0] for key, value in lora.items() if key.endswith("lora_A.weight")]
+    # Lower than --rank where every changed layer's full rank is.
+    print(f"Wrote a rank-{max(ranks, default=0)} LoRA of {len(ranks)} layers to {args.out}")
     if args.report_error:
         print(f"2-step latent error of teacher + LoRA against the student: {lora_error(args):.2e} (relative mean absolute)")
 

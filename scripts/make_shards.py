@@ -18,10 +18,11 @@ import sys
 import numpy as np
 import skimage.data
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from splam.data import DataStats, decode_caption, to_rgb  # noqa: E402
+from splam.cli import IMAGE_EXTENSIONS  # noqa: E402
+from splam.data import DataStats, decode_caption, to_rgb, upright  # noqa: E402
 
 # scikit-image's bundled colour photographs, with captions written for them.
 BUNDLED_IMAGES = {
@@ -34,7 +35,6 @@ BUNDLED_IMAGES = {
     "retina": ["a photograph of a human retina", "the fundus of an eye with blood vessels"],
     "colorwheel": ["a colour wheel with every hue", "a rainbow colour circle"],
 }
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def bundled_images():
@@ -65,9 +65,10 @@ def folder_images(image_dir: str):
         caption = caption or stem.replace("_", " ").replace("-", " ")
         try:
             with Image.open(os.path.join(image_dir, file_name)) as image:
-                # Upright as a viewer shows it (phone photos store their rotation in EXIF), and
-                # transparency over white, as training reads images.
-                yield to_rgb(ImageOps.exif_transpose(image), DataStats()), [caption]
+                # Upright as a viewer shows it, and transparency over white, as training reads images
+                # (an EXIF block that cannot be parsed leaves the image as stored there too).
+                upright(image)
+                yield to_rgb(image, DataStats()), [caption]
         except (OSError, SyntaxError) as error:  # PIL's errors for unreadable images
             print(f"skipped {file_name}: {error}", file=sys.stderr)
 

@@ -85,40 +85,36 @@ def character_tokenizer(work_dir: str) -> CLIPTokenizer:
     return CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
 
 
+def random_text_encoder(tokenizer: CLIPTokenizer, vocab_size: int, **config) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder that reads ``tokenizer``'s ids (77 of them)."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config,
+    ))
+
+
+def sd_noise_schedule() -> DDPMScheduler:
+    """Stable Diffusion 1.5's training schedule: 1,000 scaled-linear betas, epsilon prediction."""
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         prediction_type="epsilon", clip_sample=False, steps_offset=1)
+
+
+def save_pipeline(output_dir: str, vae, text_encoder, tokenizer, unet, scheduler) -> None:
+    """The parts as a ``StableDiffusionPipeline`` folder, without a safety checker."""
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(output_dir)
+
+
 def make_teacher(output_dir: str, preset: str = "tiny", seed: int = 0) -> None:
     config = PRESETS[preset]
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as work_dir:
         tokenizer = character_tokenizer(work_dir)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=max(len(tokenizer), 49408 if preset == "sd15" else 0),
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                **config["text_encoder"],
-            )
-        )
-        pipeline = StableDiffusionPipeline(
-            vae=AutoencoderKL(in_channels=3, out_channels=3, **config["vae"]),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"]),
-            scheduler=DDPMScheduler(
-                num_train_timesteps=1000,
-                beta_start=0.00085,
-                beta_end=0.012,
-                beta_schedule="scaled_linear",
-                prediction_type="epsilon",
-                clip_sample=False,
-                steps_offset=1,
-            ),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(output_dir)
+        text_encoder = random_text_encoder(tokenizer, max(len(tokenizer), 49408 if preset == "sd15" else 0),
+                                           **config["text_encoder"])
+        save_pipeline(output_dir, AutoencoderKL(in_channels=3, out_channels=3, **config["vae"]), text_encoder, tokenizer,
+                      UNet2DConditionModel(in_channels=4, out_channels=4, **config["unet"]), sd_noise_schedule())
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as card:
         card.write(f"---\nlicense: mit\nlibrary_name: diffusers\ntags:\n- stable-diffusion\n---\n\n"
                    f"A Stable Diffusion pipeline ({preset} architecture) with random weights, for tests and benchmarks.\n")

@@ -44,6 +44,7 @@ import webdataset as wds
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import SetupError, redact_tokens  # noqa: E402
+from splam.cli import batched  # noqa: E402
 from splam.data import (  # noqa: E402
     BAD_LAYOUT,
     BAD_SHARD,
@@ -78,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--random_flip", action="store_true", help="Flip half of the samples, once.")
     parser.add_argument("--batch_size", type=int, default=32, help="Images per VAE and text-encoder call.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no",
-                        help="Precision of the VAE and text encoder here (on a GPU).")
+                        help="Precision the VAE and text encoder run in here.")
     parser.add_argument("--storage_dtype", choices=["float16", "float32"], default="float16",
                         help="Precision of the stored arrays (float16 halves the disk; float32 is exact).")
     parser.add_argument("--num_jobs", type=int, default=1)
@@ -104,17 +105,6 @@ def npy_bytes(array: torch.Tensor, dtype: str) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array.float().cpu().numpy().astype(dtype), allow_pickle=False)
     return buffer.getvalue()
-
-
-def batched(iterable, size: int):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 @torch.no_grad()

@@ -4,12 +4,13 @@
     python scripts/run_digits_benchmark.py            # the full benchmark, into docs/benchmark/
     python scripts/run_digits_benchmark.py --quick    # a smoke test of the whole path, minutes
 
-1. writes the real digits as webdataset shards (train split) and trains a judge classifier;
+1. writes the real digits as webdataset shards (train split);
 2. trains a small SD-architecture teacher on them (VAE, then UNet with caption dropout);
 3. distils it three times with train_splam_distill_sd_wds.py, same seed, steps and lr:
    ``--gamma_sampling uniform`` (SPLAM, as specified), ``--gamma_sampling one`` (LCM) and
    SPLAM with ``--time_cond_proj_init zero`` (SPLAM-zero);
-4. evaluates them against the teacher (scripts/evaluate.py) and writes the table
+4. evaluates them against the teacher (scripts/evaluate.py, which trains a judge classifier on
+   the real digits) and writes the table
    (``digits.md``), a plot of the metrics against steps (``digits.png``), a sample grid per
    method and ``results.json`` into ``--docs_dir``.
 """
@@ -48,7 +49,7 @@ METRICS = [("latent_mse", "latent MSE to teacher"), ("pixel_mse", "pixel MSE to 
 def distil(teacher, shards, output_dir, method_flags, steps, seed):
     shutil.rmtree(output_dir, ignore_errors=True)  # a new teacher: an earlier run's checkpoints are not this one's
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO_ROOT, "train_splam_distill_sd_wds.py"),
         f"--pretrained_teacher_model={teacher}", f"--output_dir={output_dir}", f"--train_shards_path_or_url={shards}",
         "--resolution=32", "--train_batch_size=32", f"--max_train_steps={steps}", "--learning_rate=1e-4",
@@ -78,8 +79,8 @@ def write_table(results, settings, timings, command, path):
         f"Students: {settings['distill_steps']} distillation steps each, batch 32, lr 1e-4, same seed; SPLAM draws "
         "gamma ~ U[0, 1), LCM fixes gamma = 1; SPLAM-zero is SPLAM whose new gamma projection starts at zero "
         "(`--time_cond_proj_init zero`) instead of PyTorch's random init. Sampled with LCMScheduler at guidance_scale 1.",
-        f"Each cell: mean ± standard deviation over {len(results['seeds'])} seeds of {results['prompts']} held-out "
-        f"prompts (10 digits x 4 phrasings), the same initial noise for every sampler. Judge (an MLP on the real "
+        f"Each cell: mean ± standard deviation over {len(results['seeds'])} seeds of {results['prompts']} prompts "
+        f"(10 digits x 4 phrasings, the training captions), the same initial noise for every sampler. Judge (an MLP on the real "
         f"8x8 digits) held-out accuracy: {results['judge_heldout_accuracy']:.3f}. Lower is better for the MSEs and "
         "the Frechet distance (to the real held-out digits, in the judge's hidden features); higher for accuracy.",
         "",

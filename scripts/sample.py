@@ -20,10 +20,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from splam.args import one_line  # noqa: E402
-from splam.cli import load_or_exit, read_prompt_file  # noqa: E402
+from splam.cli import SAMPLING_DTYPES, load_or_exit, read_prompt_file, sampling_dtype  # noqa: E402
 from splam.validation import image_grid  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def default_device() -> str:
@@ -53,7 +51,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--height", type=int, default=None, help="Default: the UNet's native size.")
     parser.add_argument("--width", type=int, default=None, help="Default: the UNet's native size.")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
+    parser.add_argument("--dtype", choices=sorted(SAMPLING_DTYPES), default=None, help="Default: fp16 on CUDA, else fp32.")
     parser.add_argument("--device", default=None, help="Default: cuda, mps or cpu, whichever is there.")
     parser.add_argument("--out", default="samples.png", help="Where to write the PNG grid.")
     args = parser.parse_args()
@@ -75,7 +73,7 @@ def main():
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         parser.error(f"--device {device}: {one_line(error)}")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    dtype = sampling_dtype(args.dtype, device)
     pipeline = load_or_exit(DiffusionPipeline, args.model, "a pipeline").to(device, dtype)
     if not isinstance(pipeline.scheduler, LCMScheduler):
         raise SystemExit(f"error: {args.model} has a {type(pipeline.scheduler).__name__}, not the LCMScheduler of a "

@@ -6,6 +6,7 @@ that the seed README's command runs unchanged.
 
 import argparse
 import importlib.util
+import math
 import os
 import re
 
@@ -41,12 +42,25 @@ WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
 SECRET_ARGS = ("hub_token",)
 # Tokens that can also sit inside other flags' values, e.g. the shard command of a gated Hub
 # dataset, ``pipe:curl ... -H 'Authorization: Bearer hf_...'``: Hugging Face access tokens (hf_
-# and 34 letters and digits; a shorter run, or one inside a longer word, is a name such as a
-# folder's), and the whole value of any Authorization header (Bearer, Basic, token, ...), up to
-# the quote or line end that closes it (an unquoted one takes the rest of the command with it).
+# and 34 letters and digits, taken as a token from 30 on, in case the length changes; a shorter
+# run, or one inside a longer word, is a name such as a folder's), and the whole value of any
+# Authorization header (Bearer, Basic, token, ...), up to the quote or line end that closes it
+# (an unquoted one takes the rest of the command with it).
 HUB_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9])")
 AUTHORIZATION_VALUE_PATTERN = re.compile(r"(?<=Authorization:)[^'\"\n]*", re.I)
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def finite_float(text: str) -> float:
+    """The type of the float flags: the range checks let NaN through (every comparison with it is
+    false), and an infinite rate, scale or norm is no setting."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,21 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--center_crop", action="store_true", help="Crop the centre instead of a random square.")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally with probability 0.5.")
     data.add_argument("--max_train_samples", type=int, default=None,
-                      help="Samples in one epoch of the stream (defaults to max_train_steps x global batch).")
+                      help="Samples in one epoch of the stream; with --num_train_epochs, the run's length where "
+                           "--max_train_steps is unset.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
     data.add_argument("--shuffle_buffer_size", type=int, default=1000,
                       help="Samples held in the shuffle buffer per worker (1: no shuffling).")
-    data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+    data.add_argument("--proportion_empty_prompts", type=finite_float, default=0.0,
                       help="Fraction of captions replaced by the empty prompt.")
 
     method = parser.add_argument_group("SPLAM")
-    method.add_argument("--w_scale", type=float, default=8.0, help="Teacher's guidance scale w (LCM's formulation).")
+    method.add_argument("--w_scale", type=finite_float, default=8.0, help="Teacher's guidance scale w (LCM's formulation).")
     method.add_argument("--num_ddim_timesteps", type=int, default=50, help="Number of sub-paths (DDIM steps of the teacher).")
     method.add_argument("--loss_type", type=str, default="l2", choices=["l2", "huber"], help="Distance between endpoints.")
-    method.add_argument("--huber_c", type=float, default=0.001, help="The c of the pseudo-Huber loss.")
+    method.add_argument("--huber_c", type=finite_float, default=0.001, help="The c of the pseudo-Huber loss.")
     method.add_argument("--gamma_sampling", type=str, default="uniform", choices=["uniform", "one"],
                         help="uniform: gamma ~ U[0, 1) (SPLAM); one: gamma = 1 (LCM's consistency distillation).")
-    method.add_argument("--ema_decay", type=float, default=0.95, help="EMA decay of the target network.")
+    method.add_argument("--ema_decay", type=finite_float, default=0.95, help="EMA decay of the target network.")
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", type=str, default="splam-model", help="Where checkpoints and the final pipeline go.")
@@ -108,20 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps in total; overrides num_train_epochs.")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the student's activations in backward.")
-    training.add_argument("--learning_rate", type=float, default=1e-4, help="Learning rate after warm-up.")
+    training.add_argument("--learning_rate", type=finite_float, default=1e-4, help="Learning rate after warm-up.")
     training.add_argument("--scale_lr", action="store_true", help="Multiply the lr by the global batch size.")
     training.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULES,
                           help="diffusers' schedule of the lr over the optimizer steps, after --lr_warmup_steps.")
     training.add_argument("--lr_warmup_steps", type=int, default=500,
                           help="Warm-up optimizer steps (the constant schedule has none: use constant_with_warmup).")
     training.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    training.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule's decay.")
+    training.add_argument("--lr_power", type=finite_float, default=1.0, help="Power of the polynomial schedule's decay.")
     training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
-    training.add_argument("--adam_beta1", type=float, default=0.9)
-    training.add_argument("--adam_beta2", type=float, default=0.999)
-    training.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    training.add_argument("--adam_epsilon", type=float, default=1e-08)
-    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient-norm clipping.")
+    training.add_argument("--adam_beta1", type=finite_float, default=0.9)
+    training.add_argument("--adam_beta2", type=finite_float, default=0.999)
+    training.add_argument("--adam_weight_decay", type=finite_float, default=1e-2)
+    training.add_argument("--adam_epsilon", type=finite_float, default=1e-08)
+    training.add_argument("--max_grad_norm", type=finite_float, default=1.0, help="Gradient-norm clipping.")
     training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                           help="Overrides accelerate's config.")
     training.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs.")
@@ -177,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse inconsistent or out-of-range flags with one line, before anything is loaded."""
+    for name in ("pretrained_teacher_model", "output_dir", "train_shards_path_or_url", "train_latents_path_or_url"):
+        if getattr(args, name) is not None and not getattr(args, name).strip():
+            parser.error(f"--{name} is empty")
     if args.resolution % 8 != 0 or args.resolution < 8:
         parser.error(f"--resolution must be a multiple of 8, at least 8, got {args.resolution}")
     if not 0.0 <= args.ema_decay < 1.0:

@@ -7,6 +7,9 @@ A checkpoint is written into a hidden staging folder and renamed into place once
 complete, so a run killed mid-save never leaves a ``checkpoint-<step>`` that ``latest``
 would pick up; older checkpoints are rotated out only after that rename, each renamed
 to a hidden name before it is deleted, so a kill mid-delete leaves no half checkpoint either.
+The rotation also waits until the new checkpoint is on the disk (fsync), beside training: a
+crash of the machine loses the writes the page cache still held, up to half a minute's, and
+must find an older checkpoint where the newest one is cut short.
 Which checkpoint a run resumes from is ``output_dir.claim_output_dir``'s choice.
 """
 
@@ -17,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 
 import torch
 from accelerate.utils import RNG_STATE_NAME, SCALER_NAME, DistributedType, load
@@ -26,6 +30,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .args import SetupError, one_line
+from .models import teacher_unet_config
 from .sharding import raise_on_every_process, whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -89,8 +94,7 @@ def check_student_architecture(checkpoint_path: str, args) -> None:
             saved = json.load(handle)
     except (OSError, ValueError):
         return
-    teacher = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
-                                               revision=args.teacher_revision, cache_dir=args.cache_dir)
+    teacher = teacher_unet_config(args)
     expected = {**teacher, "time_cond_proj_dim": teacher.get("time_cond_proj_dim") or args.unet_time_cond_proj_dim}
     changed = [f"{key} {saved[key]} -> {value}" for key, value in sorted(expected.items())
                if not key.startswith("_") and key in saved and saved[key] != value]
@@ -164,16 +168,66 @@ def free_space(path: str) -> str:
     return f"{free / 2**30:.1f} GiB" if free >= 2**30 else f"{free / 2**20:.0f} MiB"
 
 
+def fsync(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_to_disk(path: str) -> None:
+    """Flush a folder's files, its folders and its own entry in the folder that holds it from the page
+    cache to the disk: a renamed folder can outlive a machine's crash with its files cut short.
+    On Windows, whose ``os.open`` refuses folders, only the files are flushed."""
+    flush_folders = os.name != "nt"
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fsync(os.path.join(folder, name))
+        if flush_folders:
+            fsync(folder)
+    if flush_folders:
+        fsync(os.path.dirname(path))
+
+
+def sync_then_rotate(checkpoint_path: str, total_limit, kept_for_uploads) -> None:
+    """``rotate_checkpoints`` once ``checkpoint_path`` is on the disk; where it cannot be flushed, the
+    older checkpoints stay (a later rotation removes them)."""
+    try:
+        sync_to_disk(checkpoint_path)
+    except OSError as error:
+        logger.warning(f"could not flush {checkpoint_path} to the disk ({one_line(error)}): the older checkpoints "
+                       "are kept for now")
+        return
+    rotate_checkpoints(os.path.dirname(checkpoint_path), total_limit, kept_for_uploads)
+
+
+# The last save's sync_then_rotate, on the main process: it runs while training goes on, as the
+# flush takes as long as the disk needs to write the checkpoint (seconds to minutes).
+pending_rotation = None
+
+
+def finish_rotation() -> None:
+    """Wait for the last checkpoint's flush to the disk and the rotation after it."""
+    global pending_rotation
+    if pending_rotation is not None:
+        pending_rotation.join()
+        pending_rotation = None
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None,
                     kept_for_uploads=frozenset()) -> str:
-    """Write ``checkpoint-<step>`` atomically, then keep only the newest ``total_limit``
-    (``rotate_checkpoints``, which leaves ``kept_for_uploads``).
+    """Write ``checkpoint-<step>`` atomically, then, beside training (``finish_rotation`` waits for
+    it), flush it to the disk and keep only the newest ``total_limit`` (``sync_then_rotate``, which
+    leaves ``kept_for_uploads``).
 
     On failure (disk full, no permission) the staging folder is removed, the earlier
     checkpoints are untouched, and ``CheckpointError`` names the path.
     """
+    global pending_rotation
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
+    finish_rotation()
     accelerator.wait_for_everyone()
 
     def write_failure(write):
@@ -203,7 +257,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
             shutil.rmtree(staging_path, ignore_errors=True)
         raise
     if accelerator.is_main_process:
-        rotate_checkpoints(output_dir, total_limit, kept_for_uploads)
+        # Not a daemon: an ending interpreter waits for it.
+        pending_rotation = threading.Thread(target=sync_then_rotate, args=(final_path, total_limit, kept_for_uploads),
+                                            name="checkpoint-rotation")
+        pending_rotation.start()
     accelerator.wait_for_everyone()
     return final_path
 

@@ -1,7 +1,10 @@
 """What the scripts share: a model or a prompt file named on the command line that cannot be read
-stops them with one ``error:`` line, not the libraries' tracebacks."""
+stops them with one ``error:`` line, not the libraries' tracebacks; the dtype they sample in; the
+image files they read; batches of what they process."""
 
 import os
+
+import torch
 
 from .args import one_line
 from .checkpoints import CHECKPOINT_PATTERN, TRAINING_STATE, checkpoint_step, list_checkpoints
@@ -29,6 +32,20 @@ def training_output_error(path: str):
     return None
 
 
+# The image files read from a folder (scripts/make_shards.py, evaluate_coco.py's reference images).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# The sampling scripts' --dtype.
+SAMPLING_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sampling_dtype(name, device) -> torch.dtype:
+    """The dtype ``--dtype name`` samples in on ``device``; without one, float16 on CUDA (where half
+    precision is fast and exact enough to sample) and float32 elsewhere."""
+    if name is not None:
+        return SAMPLING_DTYPES[name]
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_or_exit(model_class, path: str, what: str, **options):
     """``model_class.from_pretrained(path, **options)``, or ``SystemExit`` with one line naming ``what``."""
     reason = training_output_error(path)
@@ -50,3 +67,15 @@ def read_prompt_file(path: str, flag: str) -> list:
     except (OSError, UnicodeDecodeError) as error:
         raise SystemExit(f"error: cannot read {flag} {path}: {one_line(error)}") from error
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def batched(items, size: int):
+    """Lists of ``size`` consecutive items (the last one shorter) of an iterable."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -23,6 +23,7 @@ run was restarted there.
 import codecs
 import collections
 import io
+import json
 import logging
 import os
 import random
@@ -41,6 +42,9 @@ from .tar_shards import LayoutError, shard_samples
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 CAPTION_KEYS = ("txt", "text", "caption")
+# Where a sample without a caption file has its caption: the first string of these fields of its .json
+# (img2dataset writes "caption" there beside the .txt; some text-to-image sets write only a "prompt").
+JSON_CAPTION_FIELDS = ("caption", "text", "prompt")
 # Reasons a sample is dropped, reasons it was mended, and the shards whose reading stopped short
 # (``ShardErrors``), as counted in DataStats.
 SKIP_REASONS = ("no_image", "no_caption", "empty_caption", "undecodable_image", "image_too_large", "no_latents",
@@ -125,13 +129,20 @@ def local_paths(urls) -> list:
 
 def checked_shard_urls(spec: str, flag: str) -> list:
     """The shard URLs of ``spec``, given as ``flag``; a spec whose URLs are all local paths, none of
-    which exists, is refused (``SetupError``), and missing ones among others are counted in the log."""
+    which exists, or that names a folder is refused (``SetupError``), and missing ones among others
+    are counted in the log."""
     urls = expand_shard_urls(spec)
     local = local_paths(urls)
     if local and len(local) == len(urls) and not any(os.path.exists(path) for path in local):
-        raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all)")
+        # The shell expands a glob only where it matches, and webdataset never does.
+        glob_hint = ": globs are not expanded, use a brace range such as {00000..00099}" if re.search(r"[*?[]", spec) else ""
+        raise SetupError(f"{flag} matches no file (first: {urls[0]}, {len(urls)} in all){glob_hint}")
     # Bounded: on a network filesystem each check is a round trip, and a web-scale spec has 100k shards.
     checked = local[:MAX_SHARDS_CHECKED]
+    folder = next((path for path in checked if os.path.isdir(path)), None)
+    if folder is not None:
+        raise SetupError(f"{flag} names a folder, {folder}: give the shards in it, as a brace range such as "
+                         f"{os.path.join(folder, '{00000..00099}.tar')} or a :: list")
     missing = [path for path in checked if not os.path.exists(path)]
     if missing:
         logger.warning(f"{flag}: {len(missing)} of {'the first ' if len(checked) < len(local) else ''}{len(checked)} "
@@ -227,16 +238,36 @@ def decode_caption(raw, stats: DataStats) -> str:
     return caption.strip()
 
 
+def json_caption(raw_json: bytes):
+    """The first string among ``JSON_CAPTION_FIELDS`` of a sample's .json, stripped; ``None`` where
+    there is none or the .json does not parse (no caption, like a sample without one)."""
+    try:
+        metadata = json.loads(raw_json)
+    except ValueError:  # not JSON, or not UTF-8/16/32 text
+        return None
+    if not isinstance(metadata, dict):
+        return None
+    return next((metadata[field].strip() for field in JSON_CAPTION_FIELDS if isinstance(metadata.get(field), str)), None)
+
+
+def sample_caption(sample: dict, stats: DataStats):
+    """A raw sample's caption: its caption file's (``CAPTION_KEYS``, ``decode_caption``), or else
+    its .json's (``json_caption``); ``None`` without either."""
+    raw_caption = first_present(sample, CAPTION_KEYS)
+    if raw_caption is not None:
+        return decode_caption(raw_caption, stats)
+    return None if sample.get("json") is None else json_caption(sample["json"])
+
+
 def captioned_images(raw_samples, stats: DataStats, on_sample=None):
     """``(image bytes, caption)`` of each raw tar sample that has both; the others are counted.
     ``on_sample`` is called for each one that passes."""
     for sample in raw_samples:
         image_bytes = first_present(sample, IMAGE_KEYS)
-        raw_caption = first_present(sample, CAPTION_KEYS)
-        if image_bytes is None or raw_caption is None:
+        caption = None if image_bytes is None else sample_caption(sample, stats)
+        if image_bytes is None or caption is None:
             stats["no_image" if image_bytes is None else "no_caption"] += 1
             continue
-        caption = decode_caption(raw_caption, stats)
         if not caption:
             stats["empty_caption"] += 1
             continue
@@ -275,7 +306,7 @@ def decode_image(image_bytes: bytes, transform: ImageTransform, rng: random.Rand
     return None
 
 
-def decoded_samples(encoded, decode, stats: DataStats, what: str, on_dead_run=None):
+def decoded_samples(encoded, decode, what: str, on_dead_run=None):
     """``(decode(data), rest)`` for each ``(data, rest)`` whose data decodes (``decode`` returns
     ``None`` for one that does not, counted by it). Once ``MAX_UNDECODABLE_IN_A_ROW`` have failed in
     a row with none decoded before, ``on_dead_run(message)`` is asked at each further failure: it
@@ -297,8 +328,7 @@ def decoded_samples(encoded, decode, stats: DataStats, what: str, on_dead_run=No
 
 def decoded_images(pairs, transform: ImageTransform, rng: random.Random, stats: DataStats, on_dead_run=None):
     """``(pixels, caption)`` for each ``(image bytes, caption)`` whose image decodes."""
-    return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), stats, "images",
-                           on_dead_run)
+    return decoded_samples(pairs, lambda image_bytes: decode_image(image_bytes, transform, rng, stats), "images", on_dead_run)
 
 
 class ShardErrors:
@@ -391,7 +421,7 @@ class ImageTextSamples:
     ``(pixels [B, 3, R, R], input_ids [B, 77])``."""
 
     usable = (f"captioned image ({', '.join('.' + key for key in IMAGE_KEYS)} with "
-              f"{', '.join('.' + key for key in CAPTION_KEYS)})")
+              f"{', '.join('.' + key for key in CAPTION_KEYS)} or a .json's {', '.join(JSON_CAPTION_FIELDS)})")
     flag = "--train_shards_path_or_url"
 
     def __init__(self, transform: ImageTransform, tokenizer):
@@ -431,7 +461,7 @@ class LatentSamples:
             yield (sample[MOMENTS_KEY], sample[PROMPT_EMBEDS_KEY]), None
 
     def decode(self, selected, rng: random.Random, stats: DataStats, on_dead_run=None):
-        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), stats, "latent samples", on_dead_run)
+        return decoded_samples(selected, lambda arrays: self.load(arrays, stats), "latent samples", on_dead_run)
 
     def collate(self, batch, stats: DataStats):
         return tuple(torch.stack(arrays) for arrays in zip(*(arrays for arrays, _ in batch)))

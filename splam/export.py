@@ -2,8 +2,9 @@
 
 ``unet/`` is the EMA target (SPEC section 4), ``unet_online/`` the online student,
 ``scheduler/`` an ``LCMScheduler`` on the training's DDIM grid, and the VAE, text
-encoder and tokenizer are the teacher's, in float32 as they were published. The
-authors' script left two bare UNet folders that no pipeline loads (SPEC defect 6).
+encoder and tokenizer are the teacher's (the VAE ``--pretrained_vae_model_name_or_path``'s
+where given), loaded afresh in float32. The authors' script left two bare UNet folders that
+no pipeline loads (SPEC defect 6).
 """
 
 import os

@@ -1,6 +1,7 @@
 """Loading the teacher's parts and building the student and target UNets (SPEC section 1)."""
 
 import copy
+import itertools
 import logging
 import os
 import re
@@ -54,14 +55,20 @@ def load_teacher_part(args, model_class, subfolder: str, revision=None, dtype=to
         raise teacher_load_error(args, subfolder, error, hint) from error
 
 
+def teacher_unet_config(args) -> dict:
+    """The teacher UNet's config, without its weights."""
+    return UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+                                            revision=args.teacher_revision, cache_dir=args.cache_dir)
+
+
 def load_teacher_scheduler(args) -> DDPMScheduler:
     """The teacher's noise schedule, read before any weights so that a teacher outside the
     method (SPEC: only epsilon prediction; a UNet conditioned on text alone) or a schedule the
     sampler cannot follow is refused first."""
-    common = dict(revision=args.teacher_revision, cache_dir=args.cache_dir)
     try:
-        scheduler = DDPMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler", **common)
-        unet_config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet", **common)
+        scheduler = DDPMScheduler.from_pretrained(args.pretrained_teacher_model, subfolder="scheduler",
+                                                  revision=args.teacher_revision, cache_dir=args.cache_dir)
+        unet_config = teacher_unet_config(args)
     except OSError as error:
         # The first files read: for a name that is no folder, the libraries say only that a file is missing.
         hint = ("" if os.path.isdir(args.pretrained_teacher_model) else
@@ -105,23 +112,55 @@ def load_teacher_scheduler(args) -> DDPMScheduler:
 
 
 def check_vae_config(args) -> None:
-    """Read ``--pretrained_vae_model_name_or_path``'s config, so that a wrong folder or id stops the
-    run before the text encoder's weights load rather than after, and so does a VAE whose latents have
-    another number of channels than the teacher's UNet takes (an SD3 or FLUX VAE for SD 1.5), which
-    failed at the first step."""
-    if args.pretrained_vae_model_name_or_path is None:
-        return
+    """Read the VAE's config (``--pretrained_vae_model_name_or_path``'s, or else the teacher's), so that
+    a wrong folder or id stops the run before the text encoder's weights load rather than after, and
+    so do a VAE whose latents have another number of channels than the teacher's UNet takes (an SD3
+    or FLUX VAE for SD 1.5), which failed at the first step, and a ``--resolution`` too small for the
+    UNet (``resolution_too_small``), which failed at the first validation or at the export."""
     try:
-        vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
-    except OSError as error:
-        raise vae_load_error(args, error) from error
-    unet_config = UNet2DConditionModel.load_config(args.pretrained_teacher_model, subfolder="unet",
+        if args.pretrained_vae_model_name_or_path is None:
+            vae_config = AutoencoderKL.load_config(args.pretrained_teacher_model, subfolder="vae",
                                                    revision=args.teacher_revision, cache_dir=args.cache_dir)
+        else:
+            vae_config = AutoencoderKL.load_config(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    except OSError as error:
+        raise (vae_load_error(args, error) if args.pretrained_vae_model_name_or_path else
+               teacher_load_error(args, "vae config", error)) from error
+    unet_config = teacher_unet_config(args)
     # Both classes' defaults, for configs written without the key.
     latent_channels, in_channels = vae_config.get("latent_channels", 4), unet_config.get("in_channels", 4)
     if latent_channels != in_channels:
         raise SetupError(f"the VAE {args.pretrained_vae_model_name_or_path!r} makes latents of {latent_channels} "
                          f"channels, the teacher's UNet takes {in_channels}: give a VAE of the teacher's family")
+    reason = resolution_too_small(args.resolution, vae_config, unet_config)
+    if reason is not None:
+        raise SetupError(reason)
+
+
+def deepest_side(resolution: int, vae_config: dict, unet_config: dict) -> int:
+    """The side of the UNet's deepest feature maps for images of ``resolution`` pixels: the VAE halves
+    the side once per block after the first, and so does each of the UNet's downsamplers (a stride-2
+    convolution with padding 1, which rounds an odd side up)."""
+    side = resolution // 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
+    for _ in range(len(unet_config.get("block_out_channels", (320, 640, 1280, 1280))) - 1):
+        side = (side + 1) // 2
+    return side
+
+
+def resolution_too_small(resolution: int, vae_config: dict, unet_config: dict):
+    """Why ``resolution`` is too small for the UNet, or ``None``: its deepest blocks normalise the
+    channels of the block before (``block_out_channels[-2]``) at the deepest side, and GroupNorm needs
+    more than one value per group and image. Validation and the export sample one image per prompt,
+    so a UNet whose groups are one channel wide (a toy's: SD 1.5 has 40 per group there) cannot run
+    on 1x1 feature maps."""
+    channels = unet_config.get("block_out_channels", (320, 640, 1280, 1280))
+    narrowest, groups = channels[max(0, len(channels) - 2)], unet_config.get("norm_num_groups", 32)
+    if narrowest // groups * deepest_side(resolution, vae_config, unet_config) ** 2 > 1:
+        return None
+    least = next(size for size in itertools.count(resolution + 8, 8) if deepest_side(size, vae_config, unet_config) >= 2)
+    return (f"--resolution {resolution} is too small for the teacher's UNet: its deepest feature maps would be 1x1, "
+            f"where GroupNorm gets one value per group and image ({narrowest} channels in {groups} groups); "
+            f"use --resolution {least} or more")
 
 
 def vae_load_error(args, error: OSError) -> SetupError:

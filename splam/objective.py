@@ -1,6 +1,6 @@
 """The sub-path linear approximation objective (SPEC section 3, steps 3 to 7).
 
-Each function is one formula of the paper in SPEC's notation; the training script
+Each function is one formula of the paper in SPEC's notation; ``splam.training.splam_loss``
 composes them in the order of the paper's Algorithm.
 """
 
@@ -17,15 +17,16 @@ TIMESTEP_SCALING = 10.0
 GAMMA_EMBEDDING_SCALE = 10.0
 
 
-def scalings_for_boundary_conditions(timestep, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
-    """LCM's boundary-condition scalings, the same ones ``LCMScheduler`` uses at sampling:
+def scalings_for_boundary_conditions(timestep):
+    """LCM's boundary-condition scalings, the same ones ``LCMScheduler`` uses at sampling (its
+    default ``timestep_scaling`` of 10, ``sigma_data = 0.5``):
 
     ``c_skip(t) = sigma_data^2 / ((10 t)^2 + sigma_data^2)``,
     ``c_out(t) = 10 t / sqrt((10 t)^2 + sigma_data^2)``.
     """
-    scaled_timestep = timestep * timestep_scaling
-    denominator = scaled_timestep**2 + sigma_data**2
-    c_skip = sigma_data**2 / denominator
+    scaled_timestep = timestep * TIMESTEP_SCALING
+    denominator = scaled_timestep**2 + SIGMA_DATA**2
+    c_skip = SIGMA_DATA**2 / denominator
     c_out = scaled_timestep / denominator**0.5
     return c_skip, c_out
 

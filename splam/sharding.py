@@ -50,10 +50,15 @@ def configure_deepspeed(accelerator, args) -> None:
     batch sizes (accelerate derives them from a prepared dataloader, and the shard stream is not
     one), the accumulation steps and the clipping norm (the engine clips inside its step), saying
     so where the config sets them otherwise and the flag was left at its default (a value meant
-    for the engine, lost); refuse a config that brings an optimizer or lr schedule of its own."""
+    for the engine, lost); refuse a config that brings an optimizer or lr schedule of its own, and
+    ZeRO stage 3, which partitions the student's parameters: the EMA update, validation and the
+    UNets' saving read them whole."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     config = accelerator.state.deepspeed_plugin.deepspeed_config
+    if config.get("zero_optimization", {}).get("stage") == 3:
+        raise SetupError("DeepSpeed ZeRO stage 3 is not supported (it partitions the student's parameters, which the EMA "
+                         "target reads whole): use stage 2 (configs/deepspeed_zero2.yaml) or FSDP2 (configs/fsdp.yaml)")
     for section, flags in (("optimizer", "--learning_rate, --adam_*, --use_8bit_adam"), ("scheduler", "--lr_scheduler")):
         if section in config:
             # Its engine would step its own alongside this script's, which the flags set.

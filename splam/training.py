@@ -1,7 +1,7 @@
 """The pieces of a SPLAM training step: the nets as training holds them, the optimizer, a
 batch's latents and prompt embeddings (SPEC section 3, step 1), its loss (steps 2 to 7) and
-the update, taken or skipped. The training script and the throughput benchmark both run their
-steps through here.
+the update, taken or skipped. The training script's loop and the throughput benchmark's step
+are both made of these pieces, in the same order.
 """
 
 import functools
@@ -153,8 +153,13 @@ def make_lr_scheduler(args, optimizer):
     diffusers' polynomial schedule divides by its steps after the warm-up when it is read at its
     end: after the last update of a run that warms up all along, or on a resume at that step to
     export. Such a run never leaves the warm-up, which the schedule keeps when it is one step
-    longer; no update reads it past the run's end."""
+    longer; no update reads it past the run's end. A warm-up that lasts the whole run is warned of:
+    the rate then never reaches ``--learning_rate``."""
     num_training_steps = args.max_train_steps
+    if args.lr_scheduler != "constant" and args.lr_warmup_steps >= args.max_train_steps:
+        logger.warning(f"--lr_warmup_steps {args.lr_warmup_steps} is not shorter than the run's {args.max_train_steps} "
+                       f"optimizer steps: --lr_scheduler {args.lr_scheduler} warms up all along and never reaches "
+                       "--learning_rate")
     if args.lr_scheduler == "polynomial":
         num_training_steps = max(num_training_steps, args.lr_warmup_steps + 1)
     return get_scheduler(

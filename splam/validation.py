@@ -76,7 +76,8 @@ def image_grid(rows) -> Image.Image:
 
 def log_validation(accelerator, models: dict, vae, text_encoder, tokenizer, scheduler, args, step: int) -> None:
     """Sample ``args.validation_prompts`` with each of ``models`` (name -> UNet), save the
-    images under ``output_dir/validation/step-<step>/`` and send them to every tracker."""
+    images under ``output_dir/validation/step-<step>/`` and send them to the trackers that take images
+    (``IMAGE_TRACKERS``)."""
     seed = 0 if args.seed is None else args.seed
     step_dir = os.path.join(args.output_dir, "validation", f"step-{step}")
     os.makedirs(step_dir, exist_ok=True)

@@ -3,6 +3,7 @@ and the segmented stream that makes resume exact."""
 
 import argparse
 import io
+import os
 import random
 import signal
 import tarfile
@@ -74,7 +75,9 @@ def test_expand_shard_urls_braces_lists_and_pipes():
     assert pipes[7] == "pipe:curl -L -s https://host/data/00007.tar?download=true"
 
 
-def test_a_local_pattern_that_matches_nothing_is_refused(tmp_path, tiny_shards):
+def test_a_local_pattern_that_matches_nothing_or_names_a_folder_is_refused(tmp_path, tiny_shards):
+    """A folder was read as a shard that cannot be opened, and the run stopped only once its reader
+    gave up, saying that there was no captioned image; a glob gets a hint, as nothing expands it."""
     def urls(images=None, latents=None):
         return train_shard_urls(argparse.Namespace(
             train_shards_path_or_url=images, train_latents_path_or_url=latents, pretrained_teacher_model="teacher",
@@ -84,6 +87,13 @@ def test_a_local_pattern_that_matches_nothing_is_refused(tmp_path, tiny_shards):
         urls(images=f"{tmp_path}/missing-{{000..003}}.tar")
     with pytest.raises(SetupError, match="--train_latents_path_or_url matches no file"):
         urls(latents=f"{tmp_path}/missing-{{000..003}}.tar")
+    with pytest.raises(SetupError, match=r"matches no file \(first: .*/\*\.tar, 1 in all\): globs are not expanded"):
+        urls(images=f"{tmp_path}/*.tar")
+    shard_dir = os.path.dirname(tiny_shards)
+    for spec in (shard_dir, f"{tiny_shards}::{shard_dir}/"):
+        with pytest.raises(SetupError, match=f"--train_shards_path_or_url names a folder, {shard_dir}/?: give the shards in "
+                                             f"it, as a brace range such as {shard_dir}/+{{00000..00099}}.tar"):
+            urls(images=spec)
     assert urls(images=tiny_shards) == expand_shard_urls(tiny_shards)
     assert len(urls(latents="pipe:curl -s https://host/{0..3}.tar")) == 4
 
@@ -117,6 +127,26 @@ def test_shard_boundary_with_repeated_key_and_incomplete_samples(tmp_path):
     blue = samples[2][0]
     assert blue[2].mean() > 0.9 and blue[0].mean() < -0.9
     assert stats["no_caption"] == 1 and stats["no_image"] == 1 and stats.skipped() == 2
+
+
+def test_a_sample_without_a_caption_file_takes_its_json_caption(tmp_path):
+    """img2dataset writes the caption to .json as well as .txt, and some text-to-image sets only to
+    .json (as "prompt"): a caption file wins, then the .json's caption, text or prompt; a .json
+    without one of them as a string, or that does not parse, leaves the sample without a caption."""
+    shard = write_tar(tmp_path / "json.tar", [
+        {"__key__": "both", "jpg": jpeg_bytes("red"), "txt": "from the txt", "json": '{"caption": "from the json"}'},
+        {"__key__": "caption", "jpg": jpeg_bytes("red"), "json": '{"url": "http://x", "caption": " a red square "}'},
+        {"__key__": "prompt", "jpg": jpeg_bytes("red"), "json": '{"prompt": "a prompt", "width": 512}'.encode("utf-16")},
+        {"__key__": "text", "jpg": jpeg_bytes("red"), "json": '{"caption": null, "text": "a text field"}'},
+        {"__key__": "none", "jpg": jpeg_bytes("red"), "json": '{"status": "success", "caption": 3}'},
+        {"__key__": "list", "jpg": jpeg_bytes("red"), "json": '["a caption in a list"]'},
+        {"__key__": "broken", "jpg": jpeg_bytes("red"), "json": '{"caption": "cut sho'},
+        {"__key__": "empty", "jpg": jpeg_bytes("red"), "json": '{"caption": "  "}'},
+    ])
+    stats = DataStats()
+    samples = read_all([shard], stats=stats)
+    assert [caption for _, caption in samples] == ["from the txt", "a red square", "a prompt", "a text field"]
+    assert stats["no_caption"] == 3 and stats["empty_caption"] == 1 and stats.skipped() == 4
 
 
 def test_pipe_command_shards(tmp_path):
@@ -599,9 +629,10 @@ def test_one_shard_of_undecodable_images_is_read_to_its_end_when_asked(tmp_path)
 
 def test_an_unparsable_exif_block_leaves_the_image_as_stored(tmp_path, monkeypatch):
     """Corrupt EXIF makes PIL raise struct.error and the like while turning an image upright: the
-    pixels are fine, so the image is used as stored."""
+    pixels are fine, so the image is used as stored, in training and by scripts/make_shards.py."""
     import struct
 
+    from make_shards import folder_images
     from PIL import ImageOps
 
     def broken_exif(image, **kwargs):
@@ -611,6 +642,10 @@ def test_an_unparsable_exif_block_leaves_the_image_as_stored(tmp_path, monkeypat
     shard = write_tar(tmp_path / "exif.tar", [{"__key__": "k", "jpg": jpeg_bytes("red"), "txt": "red"}])
     stats = DataStats()
     assert len(read_all([shard], stats=stats)) == 1 and stats.skipped() == 0
+    (tmp_path / "folder").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "folder" / "photo.jpg")
+    [(image, captions)] = list(folder_images(str(tmp_path / "folder")))
+    assert image.size == (40, 30) and captions == ["photo"]
 
 
 def test_one_shard_of_undecodable_images_among_good_ones_does_not_stop_the_stream(tmp_path, tokenizer):

@@ -304,6 +304,27 @@ def test_a_deepspeed_config_with_its_own_optimizer_or_schedule_is_refused(sectio
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_clipping"] == 1.0
 
 
+def test_deepspeed_zero_stage_3_is_refused_and_stage_2_is_not():
+    """Stage 3 partitions the student's parameters, which the EMA update reads whole; the config as
+    accelerate's own plugin builds it from an accelerate config's ``zero_stage``."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from splam.args import SetupError
+    from splam.sharding import configure_deepspeed
+
+    args = types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0)
+    for stage in (2, 3):
+        plugin = DeepSpeedPlugin(zero_stage=stage)
+        accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                            state=types.SimpleNamespace(deepspeed_plugin=plugin))
+        if stage == 3:
+            with pytest.raises(SetupError, match="DeepSpeed ZeRO stage 3 is not supported .* use stage 2"):
+                configure_deepspeed(accelerator, args)
+        else:
+            configure_deepspeed(accelerator, args)
+            assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+
+
 def test_the_deepspeed_configs_accumulation_and_clipping_give_way_to_the_flags_with_a_warning(caplog):
     """A config's gradient_accumulation_steps: 4 was replaced by the flag's default 1 without a word. A
     flag passed (here --max_grad_norm=0.5 over the shipped config's 1.0) needs none."""

@@ -240,7 +240,7 @@ def test_precompute_refuses_a_missing_teacher_a_file_as_output_dir_and_shards_th
 
 
 def test_precompute_leaves_out_a_shard_with_no_usable_sample_or_its_samples_files_apart(tiny_teacher, tiny_shards, tmp_path):
-    """Shards whose captions are in another layout (here only a .json) gave an empty latent shard,
+    """Shards without captions (here a .json of metadata without one) gave an empty latent shard,
     exit 0 and the advice to train on it; a rerun after fixing them then skipped it as done. One
     whose samples' files lie apart gave the few pairs side by side, as if that were the shard."""
     image = io.BytesIO()
@@ -248,7 +248,7 @@ def test_precompute_leaves_out_a_shard_with_no_usable_sample_or_its_samples_file
     json_only = str(tmp_path / "json-only.tar")
     with wds.TarWriter(json_only) as writer:
         for index in range(3):
-            writer.write({"__key__": f"k{index}", "jpg": image.getvalue(), "json": b'{"caption": "a red square"}'})
+            writer.write({"__key__": f"k{index}", "jpg": image.getvalue(), "json": b'{"url": "http://x/red.jpg"}'})
     apart = str(tmp_path / "apart.tar")
     with tarfile.open(apart, "w") as tar:
         for name in ("k0.jpg", "k0.txt", "k1.jpg", "k2.jpg", "k1.txt", "k2.txt"):

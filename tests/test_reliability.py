@@ -570,7 +570,7 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_left_with_a_warning(tmp_pat
     a process holds open on NFS) ended the run in a traceback."""
     from accelerate import Accelerator
 
-    from splam.checkpoints import save_checkpoint
+    from splam.checkpoints import finish_rotation, save_checkpoint
 
     (tmp_path / "checkpoint-1" / "unet").mkdir(parents=True)
 
@@ -580,8 +580,50 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_left_with_a_warning(tmp_pat
     monkeypatch.setattr(shutil, "rmtree", rmtree_refused)
     with caplog.at_level("WARNING"):
         path = save_checkpoint(Accelerator(cpu=True), str(tmp_path), 2, {"global_step": 2}, total_limit=1)
+        finish_rotation()
     assert path == str(tmp_path / "checkpoint-2") and os.path.isfile(os.path.join(path, "training_state.json"))
     assert f"could not remove {tmp_path}/checkpoint-1 for --checkpoints_total_limit" in caplog.text
+
+
+def test_an_older_checkpoint_is_removed_only_once_the_new_one_is_on_the_disk(tmp_path, monkeypatch, caplog):
+    """A machine's crash loses what the page cache held: the rotation flushes every file and folder
+    of the new checkpoint first, and keeps the older ones where the flush fails."""
+    from accelerate import Accelerator
+
+    from splam import checkpoints
+
+    accelerator = Accelerator(cpu=True)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def recorded_fsync(descriptor):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    def recorded_replace(source, target):
+        events.append(("replace", str(source), str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    for step in (2, 4):
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), step, {"global_step": step}, total_limit=1)
+    checkpoints.finish_rotation()
+    assert os.listdir(tmp_path) == ["checkpoint-4"]
+    deleted = events.index(("replace", str(tmp_path / "checkpoint-2"), str(tmp_path / ".checkpoint-2.deleting")))
+    written = [os.path.join(folder, name) for folder, _, files in os.walk(tmp_path / "checkpoint-4") for name in files]
+    assert len(written) >= 2  # the RNG state and training_state.json at least
+    flushed = {path for kind, path, *_ in events[:deleted] if kind == "fsync"}
+    assert flushed >= {*written, str(tmp_path / "checkpoint-4"), str(tmp_path)}
+
+    def failing_fsync(descriptor):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with caplog.at_level("WARNING"):
+        checkpoints.save_checkpoint(accelerator, str(tmp_path), 6, {"global_step": 6}, total_limit=1)
+        checkpoints.finish_rotation()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
+    assert f"could not flush {tmp_path}/checkpoint-6 to the disk ([Errno 5] Input/output error)" in caplog.text
 
 
 def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path):
@@ -666,7 +708,8 @@ def test_a_stream_with_nothing_usable_stops_with_one_line(tiny_teacher, tmp_path
             writer.write({"__key__": f"k{index}", "txt": "a caption without an image"})
     result = run_script(*training_command(tiny_teacher, str(shard), str(tmp_path / "run"), "--max_train_steps=2"), timeout=300)
     assert result.returncode != 0
-    assert ("error: no captioned image (.jpg, .jpeg, .png, .webp with .txt, .text, .caption) in 1 shard in a row, "
+    assert ("error: no captioned image (.jpg, .jpeg, .png, .webp with .txt, .text, .caption or a .json's caption, text, prompt) "
+            "in 1 shard in a row, "
             "reading from 1 shard (counted so far: no_image 5)") in result.stderr
 
 
@@ -704,6 +747,10 @@ PARSER_CASES = {
     "no clipping norm": (["--max_grad_norm=0"], "--max_grad_norm must be positive"),
     "huber c zero": (["--loss_type=huber", "--huber_c=0"], "--huber_c must be positive"),
     "negative guidance": (["--w_scale=-2"], "--w_scale must not be negative"),
+    "not a number": (["--learning_rate=nan"], "argument --learning_rate: must be a finite number, got 'nan'"),
+    "infinite guidance": (["--w_scale=inf"], "argument --w_scale: must be a finite number, got 'inf'"),
+    "no float": (["--ema_decay=0,95"], "argument --ema_decay: invalid float value: '0,95'"),
+    "empty output folder": (["--output_dir="], "--output_dir is empty"),
     "lr schedule without its rules": (["--lr_scheduler=piecewise_constant"], "--lr_scheduler: invalid choice"),
     "tracker": (["--report_to=tensorboard,none"], "--report_to takes one or more of"),
     "wandb project name": (["--report_to=wandb", "--tracker_project_name=team/splam"], "is no wandb project name"),
@@ -730,6 +777,9 @@ SETUP_CASES = {
     "output dir a file": (["--output_dir=/dev/null"], "--output_dir /dev/null exists and is not a folder"),
     "output dir read-only": (["--output_dir=/sys"], "--output_dir /sys cannot be written"),
     "resolution": PARSER_CASES["resolution"],
+    "resolution too small for the unet": (["--resolution=16"], "--resolution 16 is too small for the teacher's UNet: "
+                                          "its deepest feature maps would be 1x1, where GroupNorm gets one value per "
+                                          "group and image (32 channels in 32 groups); use --resolution 24 or more"),
     "foreign checkpoint folder": (["MKDIR={tmp}/out/checkpoint-99", "--resume_from_checkpoint=latest"],
                                   "holds checkpoint-99, which is not a complete checkpoint of this script"),
     "polynomial schedule from its end": (["--lr_scheduler=polynomial", "--learning_rate=1e-7"],
@@ -780,6 +830,27 @@ def bad_argument_runs(tiny_teacher, tiny_shards, tmp_path_factory):
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         return dict(pool.map(run, sorted(SETUP_CASES)))
+
+
+def test_the_smallest_resolution_a_unet_takes_is_where_its_deepest_group_norm_gets_two_values(tiny_teacher):
+    """The tiny teacher's UNet (32 channels in 32 groups before its deepest block) fails on one
+    image at 16 px, whose deepest feature maps are 1x1, as validation and the export sample; at
+    24 px (2x2) it runs. SD 1.5's UNet has 40 channels per group there: no size is too small."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from splam.models import resolution_too_small
+
+    vae_config = AutoencoderKL.load_config(tiny_teacher, subfolder="vae")
+    unet_config = UNet2DConditionModel.load_config(tiny_teacher, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_teacher, subfolder="unet")
+    prompt_embeds = torch.zeros(1, 77, unet_config["cross_attention_dim"])
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        unet(torch.zeros(1, 4, 2, 2), 999, prompt_embeds)
+    assert resolution_too_small(16, vae_config, unet_config).endswith("use --resolution 24 or more")
+    assert unet(torch.zeros(1, 4, 3, 3), 999, prompt_embeds).sample.shape == (1, 4, 3, 3)
+    assert resolution_too_small(24, vae_config, unet_config) is None
+    sd15_vae, sd15_unet = {"block_out_channels": [128, 256, 512, 512]}, {"block_out_channels": [320, 640, 1280, 1280]}
+    assert all(resolution_too_small(size, sd15_vae, sd15_unet) is None for size in (8, 64, 512))
 
 
 @pytest.mark.parametrize("case", sorted(PARSER_CASES))

@@ -155,10 +155,11 @@ def test_a_run_measured_in_samples_ends_after_them_across_batch_sizes(resume_sta
 
 
 @pytest.mark.parametrize("warmup_steps", [1, 3, 5])
-def test_a_polynomial_schedule_reaches_the_end_of_a_run_that_warms_up_all_along(warmup_steps):
+def test_a_polynomial_schedule_reaches_the_end_of_a_run_that_warms_up_all_along(warmup_steps, caplog):
     """diffusers' polynomial schedule divided by zero after the last update of a run whose warm-up
     is as long (3 steps of 3: the run died before its last checkpoint and export), and on a resume
-    at that step; a shorter warm-up's schedule is diffusers' own."""
+    at that step; a shorter warm-up's schedule is diffusers' own. A warm-up as long as the run is
+    warned of (a short run with the default 500 warm-up steps never reached its rate without a word)."""
     from argparse import Namespace
 
     from diffusers.optimization import get_scheduler
@@ -180,7 +181,10 @@ def test_a_polynomial_schedule_reaches_the_end_of_a_run_that_warms_up_all_along(
 
     args = Namespace(lr_scheduler="polynomial", lr_warmup_steps=warmup_steps, max_train_steps=3, lr_num_cycles=1,
                      lr_power=1.0)
-    lr_scheduler = make_lr_scheduler(args, optimizer())
+    with caplog.at_level("WARNING"):
+        lr_scheduler = make_lr_scheduler(args, optimizer())
+    warned = f"--lr_warmup_steps {warmup_steps} is not shorter than the run's 3 optimizer steps: --lr_scheduler polynomial"
+    assert (warned in caplog.text) == (warmup_steps >= 3)
     rates = update_rates(lr_scheduler)
     if warmup_steps < args.max_train_steps:
         assert rates == update_rates(get_scheduler("polynomial", optimizer=optimizer(), num_warmup_steps=warmup_steps,
@@ -313,6 +317,9 @@ def test_fp16_8bit_adam_wandb_validation_and_no_secret_leaks(tiny_teacher, tiny_
     )
     images = sorted(os.listdir(os.path.join(output_dir, "validation", "step-2")))
     assert images == sorted(f"{net}-{steps}step-{i}.png" for net in ("online", "target") for steps in (1, 2, 4) for i in (0, 1))
+    # accelerate computes fp16 in float32 on a CPU: said, and recorded so.
+    assert "this run computes in float32" in result.stderr
+    assert "| `mixed_precision` | `no` |" in open(os.path.join(output_dir, "README.md")).read()
     # Without WANDB_DIR, wandb's run goes beside tensorboard's logs, not into the working directory.
     wandb_runs = glob.glob(os.path.join(output_dir, "logs", "wandb", "offline-run-*"))
     assert len(wandb_runs) == 1
