@@ -40,6 +40,7 @@ from splam.args import one_line  # noqa: E402
 from splam.checkpoints import READ_ERRORS  # noqa: E402
 from splam.cli import IMAGE_EXTENSIONS, SAMPLING_DTYPES, batched, load_or_exit, read_prompt_file, sampling_dtype  # noqa: E402
 
+
 def load_prompts(path: str, num_images: int, seed: int) -> list:
     """``num_images`` prompts: from a COCO captions file, one seeded choice of caption per image and a
     seeded choice of images; from a text file, a seeded choice of its lines."""

@@ -377,7 +377,8 @@ def shard_stream(urls, tokenizer, **overrides):
 
 def test_a_stream_with_nothing_usable_stops_with_a_message(tmp_path, tokenizer):
     shards = [write_tar(tmp_path / f"{i}.tar", [{"__key__": f"k{j}", "txt": "no image"} for j in range(3)]) for i in range(2)]
-    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption\) in \d+ shards in a row, reading from 2 shards"):
+    with pytest.raises(DataError, match=r"no captioned image \(\.jpg, \.jpeg, \.png, \.webp with \.txt, \.text, \.caption or a "
+                                        r"\.json's caption, text, prompt\) in \d+ shards in a row, reading from 2 shards"):
         next(iter(shard_stream(shards, tokenizer)))
 
 

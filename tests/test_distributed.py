@@ -312,17 +312,16 @@ def test_deepspeed_zero_stage_3_is_refused_and_stage_2_is_not():
     from splam.args import SetupError
     from splam.sharding import configure_deepspeed
 
+    def accelerator(plugin):
+        return types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
+                                     state=types.SimpleNamespace(deepspeed_plugin=plugin))
+
     args = types.SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0)
-    for stage in (2, 3):
-        plugin = DeepSpeedPlugin(zero_stage=stage)
-        accelerator = types.SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1,
-                                            state=types.SimpleNamespace(deepspeed_plugin=plugin))
-        if stage == 3:
-            with pytest.raises(SetupError, match="DeepSpeed ZeRO stage 3 is not supported .* use stage 2"):
-                configure_deepspeed(accelerator, args)
-        else:
-            configure_deepspeed(accelerator, args)
-            assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
+    with pytest.raises(SetupError, match="DeepSpeed ZeRO stage 3 is not supported .* use stage 2"):
+        configure_deepspeed(accelerator(DeepSpeedPlugin(zero_stage=3)), args)
+    stage_2 = DeepSpeedPlugin(zero_stage=2)
+    configure_deepspeed(accelerator(stage_2), args)
+    assert stage_2.deepspeed_config["train_micro_batch_size_per_gpu"] == 2
 
 
 def test_the_deepspeed_configs_accumulation_and_clipping_give_way_to_the_flags_with_a_warning(caplog):
