@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .args import SetupError, one_line
 from .models import teacher_unet_config
-from .sharding import raise_on_every_process, whole_student
+from .sharding import raise_on_every_process, wait_on_every_process, whole_student
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 RNG_STATE_PATTERN = re.compile(rf"^{RNG_STATE_NAME}_(\d+)\.pkl$")
@@ -207,19 +207,27 @@ def sync_then_rotate(checkpoint_path: str, total_limit, kept_for_uploads) -> Non
 pending_rotation = None
 
 
-def finish_rotation() -> None:
-    """Wait for the last checkpoint's flush to the disk and the rotation after it."""
+def rotation_finished(timeout=60.0) -> bool:
+    """Whether the last checkpoint's flush to the disk and the rotation after it are done, waited for
+    up to ``timeout`` seconds (``None``: until they are)."""
     global pending_rotation
     if pending_rotation is not None:
-        pending_rotation.join()
+        pending_rotation.join(timeout)
+        if pending_rotation.is_alive():
+            return False
         pending_rotation = None
+    return True
+
+
+def finish_rotation() -> None:
+    rotation_finished(timeout=None)
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dict, total_limit=None,
                     kept_for_uploads=frozenset()) -> str:
-    """Write ``checkpoint-<step>`` atomically, then, beside training (``finish_rotation`` waits for
-    it), flush it to the disk and keep only the newest ``total_limit`` (``sync_then_rotate``, which
-    leaves ``kept_for_uploads``).
+    """Write ``checkpoint-<step>`` atomically, then, beside training (the next save waits for it, as
+    does ``finish_rotation``), flush it to the disk and keep only the newest ``total_limit``
+    (``sync_then_rotate``, which leaves ``kept_for_uploads``).
 
     On failure (disk full, no permission) the staging folder is removed, the earlier
     checkpoints are untouched, and ``CheckpointError`` names the path.
@@ -227,7 +235,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, training_state: dic
     global pending_rotation
     final_path = os.path.join(output_dir, f"checkpoint-{step}")
     staging_path = os.path.join(output_dir, f".checkpoint-{step}.partial")
-    finish_rotation()
+    # In waits of a minute: a slow disk's flush must not hold the other processes at one collective
+    # past its timeout.
+    wait_on_every_process(accelerator, rotation_finished)
     accelerator.wait_for_everyone()
 
     def write_failure(write):

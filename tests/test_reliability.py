@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -624,6 +625,16 @@ def test_an_older_checkpoint_is_removed_only_once_the_new_one_is_on_the_disk(tmp
         checkpoints.finish_rotation()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6"]
     assert f"could not flush {tmp_path}/checkpoint-6 to the disk ([Errno 5] Input/output error)" in caplog.text
+
+    # A slow disk: the next save waits for the flush a minute at a time (between collectives).
+    disk_written = threading.Event()
+    monkeypatch.setattr(os, "fsync", lambda descriptor: disk_written.wait())
+    checkpoints.save_checkpoint(accelerator, str(tmp_path), 8, {"global_step": 8}, total_limit=1)
+    assert not checkpoints.rotation_finished(timeout=0.1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    disk_written.set()
+    assert checkpoints.rotation_finished(timeout=10)
+    assert os.listdir(tmp_path) == ["checkpoint-8"]
 
 
 def test_a_failed_export_stops_with_one_line(tiny_teacher, tiny_shards, tmp_path):
