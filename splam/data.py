@@ -38,6 +38,7 @@ from PIL import Image, ImageOps
 
 from .args import SetupError, redact_tokens
 from .latent_shards import check_latent_records
+from .models import latent_side
 from .tar_shards import LayoutError, shard_samples
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -156,7 +157,7 @@ def training_samples(args, tokenizer, text_encoder, vae):
     ``--resolution`` with ``--train_latents_path_or_url``, else ``ImageTextSamples``."""
     if not args.train_latents_path_or_url:
         return ImageTextSamples(ImageTransform(args.resolution, args.center_crop, args.random_flip), tokenizer)
-    latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    latent_size = latent_side(args.resolution, vae.config)
     return LatentSamples(
         moments_shape=(2 * vae.config.latent_channels, latent_size, latent_size),
         prompt_embeds_shape=(tokenizer.model_max_length, text_encoder.config.hidden_size),

@@ -137,12 +137,22 @@ def check_vae_config(args) -> None:
         raise SetupError(reason)
 
 
+# The classes' defaults, for configs written without the key.
+VAE_BLOCK_OUT_CHANNELS, UNET_BLOCK_OUT_CHANNELS = (64,), (320, 640, 1280, 1280)
+
+
+def latent_side(resolution: int, vae_config) -> int:
+    """The side of the VAE's latents of images of ``resolution`` pixels: it halves the side once per
+    block after the first."""
+    return resolution // 2 ** (len(vae_config.get("block_out_channels", VAE_BLOCK_OUT_CHANNELS)) - 1)
+
+
 def deepest_side(resolution: int, vae_config: dict, unet_config: dict) -> int:
-    """The side of the UNet's deepest feature maps for images of ``resolution`` pixels: the VAE halves
-    the side once per block after the first, and so does each of the UNet's downsamplers (a stride-2
-    convolution with padding 1, which rounds an odd side up)."""
-    side = resolution // 2 ** (len(vae_config.get("block_out_channels", (64,))) - 1)
-    for _ in range(len(unet_config.get("block_out_channels", (320, 640, 1280, 1280))) - 1):
+    """The side of the UNet's deepest feature maps for images of ``resolution`` pixels: each of the
+    UNet's downsamplers (a stride-2 convolution with padding 1, which rounds an odd side up) halves
+    the latents' side."""
+    side = latent_side(resolution, vae_config)
+    for _ in range(len(unet_config.get("block_out_channels", UNET_BLOCK_OUT_CHANNELS)) - 1):
         side = (side + 1) // 2
     return side
 
@@ -153,7 +163,7 @@ def resolution_too_small(resolution: int, vae_config: dict, unet_config: dict):
     more than one value per group and image. Validation and the export sample one image per prompt,
     so a UNet whose groups are one channel wide (a toy's: SD 1.5 has 40 per group there) cannot run
     on 1x1 feature maps."""
-    channels = unet_config.get("block_out_channels", (320, 640, 1280, 1280))
+    channels = unet_config.get("block_out_channels", UNET_BLOCK_OUT_CHANNELS)
     narrowest, groups = channels[max(0, len(channels) - 2)], unet_config.get("norm_num_groups", 32)
     if narrowest // groups * deepest_side(resolution, vae_config, unet_config) ** 2 > 1:
         return None
